@@ -1,0 +1,370 @@
+"""The artifact store: versioned, content-keyed artifacts that become visible only when committed.
+
+Layout under the store root::
+
+    artifacts/<type>/<name>/v<N>/artifact.json   the committed record (present iff the version is visible)
+    artifacts/<type>/<name>/v<N>/...             the artifact's files, listed with their sha256 in the record
+    staging/<type>-<key>/                        work in progress: resumable, invisible, one writer (flock)
+
+A version is committed by writing every file, hashing them into a manifest, fsyncing, and renaming the
+staging folder to ``v<N>`` in one ``rename(2)``: a killed job leaves nothing visible, and readers never
+see a half-written version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from featstore import __version__
+from featstore.errors import StoreError
+
+ARTIFACT_TYPES = ("dataset", "features", "decoder", "result")
+RECORD_FILE = "artifact.json"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_REF_RE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*?)(?::(?P<alias>v\d+|latest))?$")
+
+
+def default_store_root() -> Path:
+    """``$FEATSTORE_HOME`` when set, else ``~/.featstore``."""
+    home = os.environ.get("FEATSTORE_HOME")
+    return Path(home).expanduser() if home else Path.home() / ".featstore"
+
+
+def sha256_file(path: Path, block: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes, read in large blocks (hashlib releases the GIL on them)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_files(root: Path, relpaths: Sequence[str]) -> dict[str, str]:
+    """sha256 of many files in parallel threads, keyed by their path relative to ``root``."""
+    workers = min(8, (os.cpu_count() or 1) * 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        digests = pool.map(lambda rel: sha256_file(root / rel), relpaths)
+        return dict(zip(relpaths, digests, strict=True))
+
+
+def canonical_hash(payload: Any) -> str:
+    """Content key of a JSON-able description: sha256 of its canonical JSON form."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_name(name: str) -> str:
+    """Artifact names travel into paths and W&B, so they are restricted to a safe alphabet."""
+    if not _NAME_RE.match(name):
+        raise StoreError(
+            f"artifact name {name!r} is not valid: use letters, digits, '.', '_' and '-', starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    """Everything needed to trust and trace one artifact version."""
+
+    type: str
+    name: str
+    version: int
+    key: str
+    parents: tuple[str, ...]
+    created: str
+    featstore_version: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:v{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "name": self.name,
+            "version": self.version,
+            "ref": self.ref,
+            "key": self.key,
+            "parents": list(self.parents),
+            "created": self.created,
+            "featstore_version": self.featstore_version,
+            "metadata": self.metadata,
+            "manifest": self.manifest,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ArtifactRecord:
+        return cls(
+            type=data["type"],
+            name=data["name"],
+            version=int(data["version"]),
+            key=data["key"],
+            parents=tuple(data.get("parents", ())),
+            created=data["created"],
+            featstore_version=data.get("featstore_version", ""),
+            metadata=dict(data.get("metadata", {})),
+            manifest=dict(data.get("manifest", {})),
+        )
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under ``root`` so a rename that follows never exposes unwritten data."""
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for filename in filenames:
+            fd = os.open(os.path.join(dirpath, filename), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON through a temporary sibling and a rename, so readers see the old or the new file only."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _list_files(root: Path) -> list[str]:
+    files = []
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for filename in filenames:
+            rel = os.path.relpath(os.path.join(dirpath, filename), root)
+            if rel != RECORD_FILE:
+                files.append(rel.replace(os.sep, "/"))
+    return sorted(files)
+
+
+class Staging:
+    """A locked, resumable scratch folder for one content key; ``commit`` publishes it as the next version."""
+
+    def __init__(self, store: Store, type: str, name: str, key: str, root: Path) -> None:
+        self.store = store
+        self.type = type
+        self.name = name
+        self.key = key
+        self.root = root
+        self.path = root / "data"
+        self.scratch = root / "scratch"
+        self.committed: ArtifactRecord | None = store.find(type, name, key)
+
+    def commit(self, parents: Sequence[str], metadata: dict[str, Any]) -> ArtifactRecord:
+        """Hash every file, write the record, flush, and rename into the next free version, atomically."""
+        if self.committed is not None:
+            return self.committed
+        try:
+            relpaths = _list_files(self.path)
+            manifest = hash_files(self.path, relpaths)
+            created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+            versions_dir = self.store.root / "artifacts" / self.type / self.name
+            versions_dir.mkdir(parents=True, exist_ok=True)
+            _fsync_tree(self.path)
+            while True:
+                version = self.store._next_version(self.type, self.name)
+                record = ArtifactRecord(
+                    type=self.type,
+                    name=self.name,
+                    version=version,
+                    key=self.key,
+                    parents=tuple(parents),
+                    created=created,
+                    featstore_version=__version__,
+                    metadata=metadata,
+                    manifest=manifest,
+                )
+                write_json_atomic(self.path / RECORD_FILE, record.to_dict())
+                _fsync_dir(self.path)
+                target = versions_dir / f"v{version}"
+                try:
+                    os.rename(self.path, target)
+                except OSError as exc:  # another writer took this version number first
+                    if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                        continue
+                    raise
+                break
+            _fsync_dir(versions_dir)
+        except OSError as exc:
+            raise StoreError(_describe_os_error(exc, self.store.root)) from exc
+        self.committed = record
+        return record
+
+
+def _describe_os_error(exc: OSError, root: Path) -> str:
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on the device holding the store {root}: free space or pass --store DIR on another disk"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"the store {root} is not writable ({exc.strerror}: {exc.filename}): fix its permissions or pass --store DIR"
+    return f"store {root}: {exc.strerror or exc} ({exc.filename})"
+
+
+class Store:
+    """A folder of versioned artifacts; see the module docstring for the layout and commit protocol."""
+
+    def __init__(self, root: Path | str | None = None) -> None:
+        self.root = Path(root).expanduser().resolve() if root is not None else default_store_root()
+
+    # --- reading -----------------------------------------------------------------------------------
+
+    def path(self, record: ArtifactRecord) -> Path:
+        return self.root / "artifacts" / record.type / record.name / f"v{record.version}"
+
+    def _records(self, type: str, name: str) -> list[ArtifactRecord]:
+        folder = self.root / "artifacts" / type / name
+        if not folder.is_dir():
+            return []
+        records = []
+        for entry in folder.iterdir():
+            record_file = entry / RECORD_FILE
+            if entry.name.startswith("v") and entry.name[1:].isdigit() and record_file.is_file():
+                records.append(self._load_record(record_file))
+        return sorted(records, key=lambda r: r.version)
+
+    def _load_record(self, record_file: Path) -> ArtifactRecord:
+        try:
+            return ArtifactRecord.from_dict(json.loads(record_file.read_text()))
+        except (OSError, ValueError, KeyError) as exc:
+            raise StoreError(f"artifact record {record_file} is unreadable ({exc}): run `featstore verify`") from exc
+
+    def _next_version(self, type: str, name: str) -> int:
+        folder = self.root / "artifacts" / type / name
+        numbers = [int(p.name[1:]) for p in folder.iterdir() if p.name.startswith("v") and p.name[1:].isdigit()]
+        return max(numbers, default=0) + 1
+
+    def list(self, type: str | None = None) -> list[ArtifactRecord]:
+        """Every committed version, ordered by type, name and version."""
+        types = [type] if type else list(ARTIFACT_TYPES)
+        records: list[ArtifactRecord] = []
+        for kind in types:
+            folder = self.root / "artifacts" / kind
+            if folder.is_dir():
+                for name_dir in sorted(folder.iterdir()):
+                    records.extend(self._records(kind, name_dir.name))
+        return records
+
+    def find(self, type: str, name: str, key: str) -> ArtifactRecord | None:
+        """The committed version of ``name`` with this content key, if any: the cache lookup."""
+        for record in self._records(type, name):
+            if record.key == key:
+                return record
+        return None
+
+    def find_key(self, type: str, key: str) -> ArtifactRecord | None:
+        """The committed artifact of this type with this content key, whatever its name."""
+        for record in self.list(type):
+            if record.key == key:
+                return record
+        return None
+
+    def resolve(self, ref: str, type: str | None = None) -> ArtifactRecord:
+        """Turn ``name:vN``, ``name:latest`` or ``name`` (= latest) into a committed record."""
+        match = _REF_RE.match(ref.strip())
+        if not match:
+            raise StoreError(f"{ref!r} is not an artifact reference: use NAME:vN or NAME:latest (see `featstore ls`)")
+        name, alias = match["name"], match["alias"] or "latest"
+        kinds = [type] if type else list(ARTIFACT_TYPES)
+        candidates = [r for kind in kinds for r in self._records(kind, name)]
+        if not candidates:
+            what = f"{type} artifact" if type else "artifact"
+            raise StoreError(f"no {what} named {name!r} in the store {self.root}: `featstore ls` lists what is there")
+        if len({r.type for r in candidates}) > 1:
+            raise StoreError(f"{name!r} names artifacts of several types; pass the type explicitly")
+        if alias == "latest":
+            return candidates[-1]
+        version = int(alias[1:])
+        for record in candidates:
+            if record.version == version:
+                return record
+        known = ", ".join(r.ref for r in candidates)
+        raise StoreError(f"{ref!r} does not exist in the store {self.root}; known versions: {known}")
+
+    def verify(self, record: ArtifactRecord, prefix: str = "") -> list[str]:
+        """Re-hash every file of the manifest (under ``prefix``); returns the problems found."""
+        root = self.path(record)
+        wanted = {rel: digest for rel, digest in record.manifest.items() if rel.startswith(prefix)}
+        problems = [f"missing file {rel}" for rel in sorted(wanted) if not (root / rel).is_file()]
+        present = [rel for rel in sorted(wanted) if (root / rel).is_file()]
+        for rel, digest in hash_files(root, present).items():
+            if digest != wanted[rel]:
+                problems.append(f"changed file {rel} (sha256 {digest[:12]}..., recorded {wanted[rel][:12]}...)")
+        if not prefix:
+            extra = sorted(set(_list_files(root)) - set(record.manifest))
+            problems.extend(f"unrecorded file {rel}" for rel in extra)
+        return problems
+
+    def require_intact(self, record: ArtifactRecord, prefix: str = "") -> None:
+        """Refuse to read data whose files are missing or altered (zarr would read a missing chunk as zeros)."""
+        problems = self.verify(record, prefix)
+        if problems:
+            shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+            raise StoreError(
+                f"artifact {record.ref} at {self.path(record)} is damaged: {shown}. Rebuild it (remove the version folder and run the job again)"
+            )
+
+    # --- writing -----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def stage(self, type: str, name: str, key: str) -> Iterator[Staging]:
+        """A staging area for one content key, held under an exclusive lock for one writer at a time.
+
+        A second process staging the same key waits for the first; when the first committed, the second
+        sees ``staging.committed`` and reuses it. An interrupted staging area is left in place so the
+        next run can resume from what it finished.
+        """
+        if type not in ARTIFACT_TYPES:
+            raise StoreError(f"unknown artifact type {type!r}; expected one of {', '.join(ARTIFACT_TYPES)}")
+        check_name(name)
+        staging_root = self.root / "staging"
+        try:
+            staging_root.mkdir(parents=True, exist_ok=True)
+            lock_path = staging_root / f"{type}-{key[:32]}.lock"
+            lock = open(lock_path, "a+")  # noqa: SIM115 -- held across the yield, closed in finally
+        except OSError as exc:
+            raise StoreError(_describe_os_error(exc, self.root)) from exc
+        try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"featstore: waiting for another job writing {type} {name} ({key[:12]})", file=sys.stderr)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            root = staging_root / f"{type}-{key[:32]}"
+            staging = Staging(self, type, name, key, root)
+            if staging.committed is None:
+                try:
+                    staging.path.mkdir(parents=True, exist_ok=True)
+                    staging.scratch.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise StoreError(_describe_os_error(exc, self.root)) from exc
+            yield staging
+            if staging.committed is not None:
+                shutil.rmtree(root, ignore_errors=True)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            lock.close()

@@ -1,0 +1,1 @@
+"""Jobs that compose featstore and decoders: featurize, train, predict, evaluate, compare; local or on dask."""

@@ -1,0 +1,112 @@
+"""The store's commit protocol: invisible until committed, versioned by content key, verified by sha256."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+from pathlib import Path
+
+import pytest
+
+from featstore.errors import StoreError
+from featstore.store import Store, canonical_hash
+
+
+def _commit(store: Store, name: str, key: str, payload: bytes = b"data", parents: tuple[str, ...] = ()) -> str:
+    with store.stage("features", name, key) as staging:
+        if staging.committed is not None:
+            return staging.committed.ref
+        (staging.path / "sub").mkdir(exist_ok=True)
+        (staging.path / "sub" / "blob.bin").write_bytes(payload)
+        return staging.commit(parents=list(parents), metadata={"n": len(payload)}).ref
+
+
+def test_commit_versions_and_cache(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    assert _commit(store, "feat", "k1") == "feat:v1"
+    assert _commit(store, "feat", "k1") == "feat:v1", "same key is a cache hit"
+    assert _commit(store, "feat", "k2", b"other") == "feat:v2", "new key under the same name is the next version"
+    assert store.resolve("feat").ref == "feat:v2"
+    assert store.resolve("feat:latest").ref == "feat:v2"
+    assert store.resolve("feat:v1").key == "k1"
+    record = store.resolve("feat:v1")
+    assert record.manifest == {"sub/blob.bin": canonical_sha(b"data")}
+    assert json.loads((store.path(record) / "artifact.json").read_text())["ref"] == "feat:v1"
+    assert not any((tmp_path / "s" / "staging").glob("features-*/"))
+
+
+def canonical_sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_uncommitted_staging_is_invisible(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    with store.stage("features", "feat", "k1") as staging:
+        (staging.path / "half.bin").write_bytes(b"x")
+    assert store.list() == []
+    with pytest.raises(StoreError, match="no artifact named 'feat'"):
+        store.resolve("feat")
+    with store.stage("features", "feat", "k1") as staging:
+        assert (staging.path / "half.bin").read_bytes() == b"x", "a later run resumes the same staging area"
+
+
+def test_verify_catches_deleted_altered_and_extra_files(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    record = store.resolve(_commit(store, "feat", "k1", b"payload"))
+    assert store.verify(record) == []
+    blob = store.path(record) / "sub" / "blob.bin"
+    blob.write_bytes(b"payloaD")
+    assert any("changed file sub/blob.bin" in p for p in store.verify(record))
+    blob.unlink()
+    assert store.verify(record) == ["missing file sub/blob.bin"]
+    with pytest.raises(StoreError, match="damaged: missing file sub/blob.bin"):
+        store.require_intact(record)
+    blob.write_bytes(b"payload")
+    (store.path(record) / "stray").write_bytes(b"?")
+    assert store.verify(record) == ["unrecorded file stray"]
+
+
+def test_bad_refs_and_names(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    _commit(store, "feat", "k1")
+    with pytest.raises(StoreError, match="known versions: feat:v1"):
+        store.resolve("feat:v7")
+    with pytest.raises(StoreError, match="not an artifact reference"):
+        store.resolve("feat:v1:x")
+    with pytest.raises(StoreError, match="not valid"):
+        _commit(store, "../escape", "k")
+
+
+def test_unwritable_store_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    store = Store(blocker / "store")
+    with pytest.raises(StoreError, match="store"), store.stage("features", "feat", "k1"):
+        pass
+    assert blocker.read_text() == "not a folder"
+
+
+def _race(root: str, key: str, queue: mp.Queue) -> None:
+    queue.put(_commit(Store(root), "feat", key, key.encode()))
+
+
+def test_concurrent_commits_of_one_key_give_one_version(tmp_path: Path) -> None:
+    ctx = mp.get_context("fork")
+    queue: mp.Queue = ctx.Queue()
+    procs = [ctx.Process(target=_race, args=(str(tmp_path / "s"), key, queue)) for key in ["a", "a", "b", "b"]]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    refs = sorted(queue.get() for _ in procs)
+    records = Store(tmp_path / "s").list("features")
+    assert sorted(r.key for r in records) == ["a", "b"], "one version per key"
+    assert sorted({r.ref for r in records}) == sorted(set(refs))
+
+
+def test_canonical_hash_is_order_free() -> None:
+    assert canonical_hash({"a": 1, "b": [1, 2]}) == canonical_hash({"b": [1, 2], "a": 1})
+    assert canonical_hash({"a": 1}) != canonical_hash({"a": 2})
