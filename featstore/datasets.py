@@ -148,7 +148,7 @@ def read_frame(path: Path) -> np.ndarray:
     """The frame as an (H, W, 3) uint8 RGB array."""
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+            return np.array(image.convert("RGB"), dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise DatasetError(
             f"{path}: cannot read frame ({_reason(exc)}); replace it with a valid JPEG or PNG"
@@ -156,11 +156,16 @@ def read_frame(path: Path) -> np.ndarray:
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """The mask as an (H, W) uint8 array in {0, 1}: round(v / 255) of its greyscale value."""
+    """The mask as an (H, W) uint8 array in {0, 1}: round(v / 255) of its greyscale value.
+
+    Palette masks (DAVIS 2017 style) hold object indices, not grey levels: any index above 0 is object.
+    """
     try:
         with Image.open(path) as image:
             if image.mode not in MASK_MODES:
                 raise DatasetError(_bad_mask_mode(Path(path), image.mode))
+            if image.mode == "P":
+                return (np.asarray(image) > 0).astype(np.uint8)
             grey = np.asarray(image.convert("L"), dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise DatasetError(

@@ -434,6 +434,10 @@ def test_read_mask_accepts_bilevel_and_palette_masks(tmp_path: Path) -> None:
     palette.save(tmp_path / "palette.png")
     assert Image.open(tmp_path / "palette.png").mode == "P"
     np.testing.assert_array_equal(read_mask(tmp_path / "palette.png"), truth)
+    davis2017 = Image.frombytes("P", (3, 2), truth.tobytes())
+    davis2017.putpalette([0, 0, 0, 128, 0, 0])  # dark red object, grey level 38: still the object
+    davis2017.save(tmp_path / "davis2017.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "davis2017.png"), truth)
 
 
 def test_read_mask_refuses_colour_and_missing_masks(tmp_path: Path) -> None:
