@@ -13,6 +13,7 @@ see a half-written version.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import datetime as dt
 import errno
@@ -181,6 +182,9 @@ class Staging:
         if self.committed is not None:
             return self.committed
         try:
+            # A commit killed while writing its record leaves that temporary file behind; it is not data.
+            for stale in self.path.glob(f".{RECORD_FILE}.tmp-*"):
+                stale.unlink()
             relpaths = _list_files(self.path)
             manifest = hash_files(self.path, relpaths)
             created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -212,16 +216,23 @@ class Staging:
                 break
             _fsync_dir(versions_dir)
         except OSError as exc:
-            raise StoreError(_describe_os_error(exc, self.store.root)) from exc
+            raise StoreError(describe_os_error(exc, self.store.root)) from exc
         self.committed = record
         return record
 
 
-def _describe_os_error(exc: OSError, root: Path) -> str:
-    if exc.errno == errno.ENOSPC:
+def describe_os_error(exc: OSError, root: Path) -> str:
+    """One line naming the store and the fix for a failed write: full disk, size limit, permissions, bad path."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"no space left on the device holding the store {root}: free space or pass --store DIR on another disk"
+    if exc.errno == errno.EFBIG:
+        return (f"a file in the store {root} outgrew the allowed file size ({exc.strerror}): free space or raise "
+                "the file-size limit (ulimit -f), or pass --store DIR on another disk")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"the store {root} is not writable ({exc.strerror}: {exc.filename}): fix its permissions or pass --store DIR"
+    if exc.errno == errno.ENOTDIR:
+        blocker = next((p for p in [root, *root.parents] if p.exists() and not p.is_dir()), exc.filename)
+        return f"the store {root} cannot be created: {blocker} is a file, not a folder; pass --store DIR"
     return f"store {root}: {exc.strerror or exc} ({exc.filename})"
 
 
@@ -305,7 +316,7 @@ class Store:
         known = ", ".join(r.ref for r in candidates)
         raise StoreError(f"{ref!r} does not exist in the store {self.root}; known versions: {known}")
 
-    def verify(self, record: ArtifactRecord, prefix: str = "") -> list[str]:
+    def verify(self, record: ArtifactRecord, prefix: str = "") -> builtins.list[str]:  # `list` is a method here
         """Re-hash every file of the manifest (under ``prefix``); returns the problems found."""
         root = self.path(record)
         wanted = {rel: digest for rel, digest in record.manifest.items() if rel.startswith(prefix)}
@@ -347,7 +358,7 @@ class Store:
             lock_path = staging_root / f"{type}-{key[:32]}.lock"
             lock = open(lock_path, "a+")  # noqa: SIM115 -- held across the yield, closed in finally
         except OSError as exc:
-            raise StoreError(_describe_os_error(exc, self.root)) from exc
+            raise StoreError(describe_os_error(exc, self.root)) from exc
         try:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -361,7 +372,7 @@ class Store:
                     staging.path.mkdir(parents=True, exist_ok=True)
                     staging.scratch.mkdir(parents=True, exist_ok=True)
                 except OSError as exc:
-                    raise StoreError(_describe_os_error(exc, self.root)) from exc
+                    raise StoreError(describe_os_error(exc, self.root)) from exc
             yield staging
             if staging.committed is not None:
                 shutil.rmtree(root, ignore_errors=True)

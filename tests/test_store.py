@@ -61,7 +61,7 @@ def test_verify_catches_deleted_altered_and_extra_files(tmp_path: Path) -> None:
     assert any("changed file sub/blob.bin" in p for p in store.verify(record))
     blob.unlink()
     assert store.verify(record) == ["missing file sub/blob.bin"]
-    with pytest.raises(StoreError, match="damaged: missing file sub/blob.bin"):
+    with pytest.raises(StoreError, match=r"damaged: missing file sub/blob\.bin"):
         store.require_intact(record)
     blob.write_bytes(b"payload")
     (store.path(record) / "stray").write_bytes(b"?")

@@ -1,0 +1,319 @@
+"""Train a grid of heads in one pass over device-resident features and score them by the contest rule.
+
+Every head sees the same batches in the same order (one seeded permutation per epoch) and has its own
+AdamW optimizer, so K heads cost one pass of batch gathering, and head i trained in a grid ends exactly
+where it would end trained alone with the same seed (dinov2's linear evaluation, for segmentation heads).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from decoders._registry import create_decoder, get_decoder_class
+from decoders.device_data import DeviceFeatures
+from decoders.heads import DEFAULT_DECODER, Decoder
+from featstore.errors import FeatstoreError
+from featstore.metrics import ContestScore, Scores, iou_terms
+
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """One point of the grid: which head, its options, and how it is optimised."""
+
+    decoder: str = DEFAULT_DECODER
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"  # cosine decay after a short linear warm-up, or a constant rate
+    options: dict[str, Any] = field(default_factory=dict)  # passed to create_decoder
+
+    def __post_init__(self) -> None:
+        get_decoder_class(self.decoder)
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise FeatstoreError(f"--lr {self.lr} must be a positive number")
+        if self.weight_decay < 0:
+            raise FeatstoreError(f"weight decay {self.weight_decay} must be >= 0")
+        if self.schedule not in SCHEDULES:
+            raise FeatstoreError(f"schedule {self.schedule!r} is unknown: use one of {', '.join(SCHEDULES)}")
+
+    @property
+    def label(self) -> str:
+        options = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.decoder}({options}) lr={self.lr:g} wd={self.weight_decay:g} {self.schedule}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "decoder": self.decoder,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "schedule": self.schedule,
+            "options": dict(self.options),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HeadConfig:
+        return cls(
+            decoder=data["decoder"],
+            lr=float(data["lr"]),
+            weight_decay=float(data["weight_decay"]),
+            schedule=data.get("schedule", "cosine"),
+            options=dict(data.get("options", {})),
+        )
+
+    def init_seed(self, seed: int) -> int:
+        """Initialisation seed from the run seed and this config alone, not its place in the grid."""
+        payload = json.dumps([seed, self.to_dict()], sort_keys=True, default=str).encode()
+        return int.from_bytes(hashlib.sha256(payload).digest()[:7], "big")
+
+
+@dataclass
+class TrainedHead:
+    """A trained head with its timing and validation scores (``None`` without validation data)."""
+
+    config: HeadConfig
+    decoder: Decoder
+    train_seconds: float
+    train_frames: int
+    final_loss: float
+    val: Scores | None
+
+    @property
+    def nparams(self) -> int:
+        return self.decoder.nparams
+
+    @property
+    def train_frames_per_s(self) -> float:
+        return self.train_frames / self.train_seconds if self.train_seconds > 0 else 0.0
+
+    @property
+    def val_mean_iou(self) -> float | None:
+        return self.val.mean_iou if self.val is not None else None
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "head": self.config.label,
+            "config": self.config.to_dict(),
+            "nparams_head": self.nparams,
+            "train_seconds": self.train_seconds,
+            "train_frames": self.train_frames,
+            "train_frames_per_s": self.train_frames_per_s,
+            "final_loss": self.final_loss,
+            "val_mean_iou": self.val.mean_iou if self.val else None,
+            "val_j_mean": self.val.j_mean if self.val else None,
+            "val_per_clip": dict(self.val.per_clip) if self.val else None,
+        }
+
+
+def segmentation_loss(logits: Tensor, masks: Tensor) -> Tensor:
+    """BCE-with-logits plus soft Dice, both at full resolution; ``logits`` (N,1,H,W), ``masks`` (N,H,W)."""
+    logits = logits.float().squeeze(1)
+    target = masks.float()
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    prob = torch.sigmoid(logits)
+    overlap = (prob * target).sum(dim=(1, 2))
+    total = prob.sum(dim=(1, 2)) + target.sum(dim=(1, 2))
+    dice = 1.0 - (2.0 * overlap + 1.0) / (total + 1.0)
+    return bce + dice.mean()
+
+
+def autocast_for(device: torch.device) -> AbstractContextManager[Any]:
+    """bf16 autocast for the heads on CUDA; plain float32 on the CPU."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def window_view(features: dict[str, Tensor], gathered: int, window: int) -> dict[str, Tensor]:
+    """Narrow features gathered with ``gathered`` neighbours per side to what a head with ``window`` reads."""
+    if gathered == 0:
+        return features
+    if window == 0:
+        return {layer: x[:, gathered] for layer, x in features.items()}
+    return {layer: x[:, gathered - window : gathered + window + 1] for layer, x in features.items()}
+
+
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """Multiplier of the base rate at ``step`` of ``total``: warm-up over 5% of the steps, then cosine to 1%."""
+    if schedule == "constant":
+        return 1.0
+    warmup = max(1, total // 20)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(head: Decoder, data: DeviceFeatures, *, batch_size: int) -> None:
+    """Recompute BatchNorm statistics for the final weights with one pass over ``data``.
+
+    Running averages lag behind the weights (badly after few steps); an exact average over the training
+    frames makes evaluation match what training saw. torch.optim.swa_utils.update_bn does this for models
+    of one argument; heads take two.
+    """
+    norms = [m for m in head.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over every batch of the pass
+    was_training = head.training
+    head.train()
+    for index in data.batches(batch_size, shuffle=False):
+        with autocast_for(data.device):
+            head(data.gather(index, head.temporal_window), data.frame_size)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    head.train(was_training)
+
+
+def build_head(config: HeadConfig, channels: dict[str, int], strides: dict[str, int], seed: int) -> Decoder:
+    """A head initialised from ``config.init_seed(seed)``, leaving the global random state untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.init_seed(seed))
+        return create_decoder(config.decoder, channels, strides, **config.options)
+
+
+def train_heads(
+    train: DeviceFeatures,
+    val: DeviceFeatures | None,
+    configs: Sequence[HeadConfig],
+    *,
+    epochs: int = 10,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[TrainedHead]:
+    """Train one head per config over the same seeded batches; score each on ``val`` when given."""
+    if not configs:
+        raise FeatstoreError("train_heads needs at least one head config")
+    if epochs < 1:
+        raise FeatstoreError(f"--epochs {epochs} must be at least 1")
+    if not train.has_masks:
+        raise FeatstoreError("the training features have no masks: build them from an annotated dataset")
+    device = train.device
+    heads = [build_head(config, train.channels, train.strides, seed).to(device) for config in configs]
+    optimizers = [
+        torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        for head, config in zip(heads, configs, strict=True)
+    ]
+    steps_per_epoch = math.ceil(len(train) / batch_size)
+    total_steps = epochs * steps_per_epoch
+    schedulers = [
+        torch.optim.lr_scheduler.LambdaLR(
+            opt, functools.partial(lr_factor, config.schedule, total=total_steps)
+        )
+        for opt, config in zip(optimizers, configs, strict=True)
+    ]
+    gathered = max(head.temporal_window for head in heads)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    seconds = [0.0] * len(heads)
+    losses = [torch.zeros((), device=device) for _ in heads]
+    frames = 0
+    for head in heads:
+        head.train()
+    bar = tqdm(
+        total=total_steps, desc=f"training {len(heads)} head(s)", file=sys.stderr, disable=not progress
+    )
+    for _epoch in range(epochs):
+        for index in train.batches(batch_size, generator):
+            features = train.gather(index, gathered)
+            masks = train.mask(index)
+            frames += int(index.shape[0])
+            for i, (head, optimizer, scheduler) in enumerate(zip(heads, optimizers, schedulers, strict=True)):
+                started = time.perf_counter()
+                with autocast_for(device):
+                    logits = head(window_view(features, gathered, head.temporal_window), train.frame_size)
+                loss = segmentation_loss(logits, masks)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                losses[i] = loss.detach()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds[i] += time.perf_counter() - started
+            bar.update(1)
+            if progress and bar.n % 10 == 0:
+                bar.set_postfix(loss=f"{min(float(x) for x in losses):.3f}")
+    bar.close()
+    results = []
+    for config, head, elapsed, loss in zip(configs, heads, seconds, losses, strict=True):
+        recalibrate_batchnorm(head, train, batch_size=batch_size)
+        head.eval()
+        scores = evaluate(head, val, batch_size=batch_size) if val is not None else None
+        results.append(TrainedHead(config, head, elapsed, frames, float(loss), scores))
+    return results
+
+
+def best_head(heads: Sequence[TrainedHead]) -> TrainedHead:
+    """The head with the highest validation mean IoU (the first on ties)."""
+    scored = [h for h in heads if h.val is not None]
+    if not scored:
+        raise FeatstoreError("no head has validation scores: pass validation features or a holdout fraction")
+    return max(scored, key=lambda h: h.val.mean_iou if h.val else -1.0)
+
+
+@torch.no_grad()
+def predict(
+    decoder: Decoder, data: DeviceFeatures, *, batch_size: int = 8
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(index, probabilities)`` per batch in frame order; probabilities ``(B, H, W)`` float32 on the device."""
+    decoder.eval()
+    for index in data.batches(batch_size, shuffle=False):
+        with autocast_for(data.device):
+            logits = decoder(data.gather(index, decoder.temporal_window), data.frame_size)
+        yield index, torch.sigmoid(logits.float()).squeeze(1)
+
+
+def evaluate(decoder: Decoder, data: DeviceFeatures, *, batch_size: int = 8) -> Scores:
+    """Contest scores: round(255 p) binarized as round(v / 255), both-empty frames left out, pooled mean."""
+    if not data.has_masks:
+        raise FeatstoreError("the validation features have no masks: build them from an annotated dataset")
+    indices, intersections, unions = [], [], []
+    for index, prob in predict(decoder, data, batch_size=batch_size):
+        intersection, union = iou_terms(prob, data.mask(index))
+        indices.append(index)
+        intersections.append(intersection)
+        unions.append(union)
+    score = ContestScore()
+    clip_ids = data.clip_ids[torch.cat(indices)].tolist()
+    for clip_id, inter, union in zip(
+        clip_ids, torch.cat(intersections).tolist(), torch.cat(unions).tolist(), strict=True
+    ):
+        score.add_terms(data.clips[clip_id], inter, union)
+    return score.result()
+
+
+def holdout_split(clips: Sequence[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Split clips (never frames) into sorted (train, val); deterministic for a seed, both sides non-empty."""
+    names = sorted(clips)
+    if len(set(names)) != len(names):
+        raise FeatstoreError(f"clip names must be unique for a holdout split, got {list(clips)}")
+    if not 0.0 < fraction < 1.0:
+        raise FeatstoreError(f"--holdout-fraction {fraction} must be between 0 and 1 (exclusive)")
+    n_val = max(1, round(fraction * len(names)))
+    if n_val >= len(names):
+        raise FeatstoreError(
+            f"--holdout-fraction {fraction} of {len(names)} clip(s) leaves no clip to train on: "
+            "use a smaller fraction or more clips (or pass --val-features)"
+        )
+    shuffled = names.copy()
+    random.Random(seed).shuffle(shuffled)
+    val = sorted(shuffled[:n_val])
+    return [c for c in names if c not in val], val

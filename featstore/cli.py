@@ -1,0 +1,234 @@
+"""The ``featstore`` command: parses arguments and calls the plain functions in ``jobs`` and ``featstore``.
+
+Every command takes ``--store DIR`` and ``--json``; with ``--json`` the last line on stdout is one JSON
+object. Progress and logs go to stderr. A ``FeatstoreError`` becomes one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from featstore.errors import FeatstoreError
+from featstore.store import Store, default_store_root
+
+Handler = Callable[[argparse.Namespace, Store], dict[str, Any]]
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _say(*lines: str) -> None:
+    for line in lines:
+        print(line)
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not getattr(args, "quiet", False)
+
+
+def cmd_build(args: argparse.Namespace, store: Store) -> dict[str, Any]:
+    from jobs.featurize import build_features
+
+    result = build_features(
+        store,
+        args.backbone,
+        args.data,
+        weights=args.weights,
+        layers=args.layers,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        device=args.device,
+        seed=args.seed,
+        scheduler=args.scheduler,
+        progress=_progress(args),
+        wandb=args.wandb,
+    )
+    if not args.json:
+        shapes = ", ".join(f"{layer} {'x'.join(map(str, s))}" for layer, s in result.shapes.items())
+        _say(
+            f"features          {result.ref}{'  (cached: nothing computed)' if result.cached else ''}",
+            f"frames            {result.frames} in {result.clips} clips",
+            f"feature shape     {shapes}",
+            f"bytes on disk     {_human_bytes(result.bytes)}",
+            f"frames/s          {result.fps:.1f}" if not result.cached else "frames/s          - (cached)",
+            f"nparams_backbone  {result.nparams_backbone:,}",
+            f"path              {result.path}",
+        )
+    return result.to_json()
+
+
+def cmd_ls(args: argparse.Namespace, store: Store) -> dict[str, Any]:
+    records = store.list(args.type)
+    if not args.json:
+        if not records:
+            _say(f"no artifacts in {store.root}; try `featstore build --backbone efficientnet_lite0`")
+        for record in records:
+            _say(f"{record.type:<9} {record.ref:<48} {record.created}  {record.key[:12]}")
+    return {"artifacts": [_summary(r.to_dict()) for r in records]}
+
+
+def _summary(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k != "manifest"} | {"files": len(record["manifest"])}
+
+
+def cmd_show(args: argparse.Namespace, store: Store) -> dict[str, Any]:
+    record = store.resolve(args.ref)
+    lineage = _lineage(store, record.ref)
+    out = record.to_dict() | {"path": str(store.path(record)), "lineage": lineage}
+    if not args.json:
+        _say(
+            f"{record.type} {record.ref}",
+            f"  path      {store.path(record)}",
+            f"  key       {record.key}",
+            f"  created   {record.created} (featstore {record.featstore_version})",
+            f"  files     {len(record.manifest)}",
+            "  lineage   " + (" <- ".join(lineage) if lineage else "(none)"),
+            "  metadata",
+        )
+        for key, value in record.metadata.items():
+            text = json.dumps(value)
+            _say(f"    {key}: {text if len(text) < 100 else text[:97] + '...'}")
+    out.pop("manifest")
+    return out
+
+
+def _lineage(store: Store, ref: str) -> list[str]:
+    """Ancestors of an artifact, nearest first (depth-first over parents)."""
+    seen: list[str] = []
+    stack = list(store.resolve(ref).parents)
+    while stack:
+        parent = stack.pop(0)
+        if parent in seen:
+            continue
+        seen.append(parent)
+        try:
+            stack.extend(store.resolve(parent).parents)
+        except FeatstoreError:
+            continue
+    return seen
+
+
+def cmd_verify(args: argparse.Namespace, store: Store) -> dict[str, Any]:
+    record = store.resolve(args.ref)
+    problems = store.verify(record)
+    if not args.json:
+        if problems:
+            _say(f"{record.ref}: {len(problems)} problem(s)", *(f"  {p}" for p in problems))
+        else:
+            _say(f"{record.ref}: ok, {len(record.manifest)} files match their sha256")
+    result = {"ref": record.ref, "ok": not problems, "problems": problems, "files": len(record.manifest)}
+    if problems:
+        raise _VerifyFailed(result)
+    return result
+
+
+class _VerifyFailed(Exception):
+    def __init__(self, payload: dict[str, Any]) -> None:
+        super().__init__("verification failed")
+        self.payload = payload
+
+
+def cmd_evaluate(args: argparse.Namespace, store: Store) -> dict[str, Any]:
+    from jobs.evaluate import evaluate
+
+    scores = evaluate(args.result_dir, args.data, progress=False if args.quiet else None)
+    result = scores.to_dict()
+    if not args.json:
+        _say(f"mean_iou  {scores.mean_iou:.4f}   (pooled over {scores.frames_scored} frames)", f"j_mean    {scores.j_mean:.4f}")
+        for clip, value in scores.per_clip.items():
+            _say(f"  {clip:<24} {value:.4f}")
+    return result
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store",
+        type=Path,
+        default=None,
+        help=f"artifact store folder (default: $FEATSTORE_HOME, else {Path('~/.featstore')}; now {default_store_root()})",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="featstore",
+        description="Compute frozen-backbone features once, store them as versioned zarr artifacts, train decoders from them.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    build = sub.add_parser("build", help="featurize every frame of a dataset into a feature artifact")
+    build.add_argument("--backbone", required=True, help="alexnet, a torchvision model, timm:<name>, efficientnet_lite0/1/2")
+    build.add_argument("--data", default=None, help="DAVIS folder, contest folder or paths.json (default: demo dataset)")
+    build.add_argument("--weights", default="imagenet", help="imagenet, random, or a state-dict FILE")
+    build.add_argument("--layers", type=_csv, default=None, help="comma-separated layer names (default: the backbone's)")
+    build.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    build.add_argument("--batch-size", type=int, default=16)
+    build.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    build.add_argument("--seed", type=int, default=0, help="seed of --weights random")
+    build.add_argument("--scheduler", default=None, help="dask scheduler ADDRESS, or local:N for a LocalCluster")
+    build.add_argument("--wandb", action="store_true", help="log the job to Weights & Biases (or FEATSTORE_WANDB=1)")
+    _add_common(build)
+    build.set_defaults(handler=cmd_build)
+
+    ls = sub.add_parser("ls", help="list committed artifacts")
+    ls.add_argument("--type", choices=["dataset", "features", "decoder", "result"], default=None)
+    _add_common(ls)
+    ls.set_defaults(handler=cmd_ls)
+
+    show = sub.add_parser("show", help="metadata and lineage of one artifact")
+    show.add_argument("ref", help="NAME:vN, NAME:latest or NAME")
+    _add_common(show)
+    show.set_defaults(handler=cmd_show)
+
+    verify = sub.add_parser("verify", help="re-hash every file of an artifact against its manifest")
+    verify.add_argument("ref")
+    _add_common(verify)
+    verify.set_defaults(handler=cmd_verify)
+
+    evaluate = sub.add_parser("evaluate", help="score a contest result folder against annotations")
+    evaluate.add_argument("result_dir", type=Path)
+    evaluate.add_argument("--data", required=True, help="the annotated dataset the results are for")
+    _add_common(evaluate)
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    store = Store(args.store) if args.store is not None else Store()
+    handler: Handler = args.handler
+    try:
+        payload = handler(args, store)
+    except _VerifyFailed as failed:
+        if args.json:
+            print(json.dumps(failed.payload))
+        return 1
+    except FeatstoreError as exc:
+        print(f"featstore {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"featstore {args.command}: interrupted; nothing partial was committed", file=sys.stderr)
+        return 130
+    if args.json:
+        sys.stdout.flush()
+        print(json.dumps(payload, default=str))
+    return 0
+
+

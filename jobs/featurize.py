@@ -1,0 +1,509 @@
+"""The featurize job: every frame of every clip through a frozen backbone, into a committed feature artifact.
+
+The job is split so that it runs the same locally and on dask: ``prepare_build`` validates inputs and
+derives the content key; ``featurize_clips`` computes and writes the arrays of some clips into a staging
+group (one writer per clip); ``commit_build`` publishes the version once every clip is finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from featstore.accounting import CONTEST_FRAME, count_flops
+from featstore.backbones import FeatureExtractor, create_backbone
+from featstore.datasets import Dataset, FrameRecord, load_dataset
+from featstore.errors import FeatstoreError, StoreError
+from featstore.features import GROUP_DIR, ClipArrays, open_group, parse_dtype, to_storage
+from featstore.frame_stream import FrameStream
+from featstore.store import (
+    ArtifactRecord,
+    Staging,
+    Store,
+    canonical_hash,
+    describe_os_error,
+    write_json_atomic,
+)
+from featstore.wandb_sync import WandbJob, wandb_requested
+
+DONE_DIR = "done"
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is CUDA when present, else the CPU; an explicit CUDA request without CUDA is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise FeatstoreError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise FeatstoreError(f"--device {device} asks for CUDA but torch sees no GPU: use --device cpu or auto")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise FeatstoreError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return resolved
+
+
+def feature_artifact_name(dataset: Dataset, backbone: str, weights: str) -> str:
+    """Name features by dataset, architecture and weights tag, e.g. ``davis2016-dev.alexnet.imagenet``."""
+    tag = weights if weights in ("imagenet", "random") else "file"
+    return f"{dataset.name}.{backbone.replace(':', '-')}.{tag}"
+
+
+def commit_dataset(store: Store, dataset: Dataset) -> ArtifactRecord:
+    """Record the dataset (its frame table and digest) as an artifact, the root of every lineage."""
+    with store.stage("dataset", dataset.name, dataset.digest()) as staging:
+        if staging.committed is not None:
+            return staging.committed
+        table = [
+            {
+                "row": r.row,
+                "clip": r.clip,
+                "frame": r.frame,
+                "raw": str(r.raw),
+                "annotation": str(r.annotation) if r.annotation else None,
+            }
+            for r in dataset.frames
+        ]
+        write_json_atomic(staging.path / "frames.json", table)
+        return staging.commit(
+            parents=[],
+            metadata={
+                "name": dataset.name,
+                "root": str(dataset.root),
+                "digest": dataset.digest(),
+                "frames": len(dataset.frames),
+                "clips": len(dataset.clips()),
+                "has_annotations": dataset.has_annotations,
+            },
+        )
+
+
+@dataclass
+class BuildPlan:
+    """Everything a build needs that does not depend on where it runs."""
+
+    store: Store
+    dataset: Dataset
+    backbone: str
+    weights: str
+    layers: tuple[str, ...]
+    dtype: str
+    seed: int
+    key: str
+    name: str
+    weights_digest: str
+    spec: dict[str, Any]
+    preprocessing: dict[str, Any]
+    nparams_backbone: int
+
+
+def prepare_build(
+    store: Store,
+    backbone: str,
+    data: str | Path | None = None,
+    *,
+    weights: str = "imagenet",
+    layers: Sequence[str] | None = None,
+    dtype: str = "float16",
+    seed: int = 0,
+) -> tuple[BuildPlan, FeatureExtractor]:
+    """Validate every input and derive the content key; nothing is written when anything is wrong."""
+    parse_dtype(dtype)
+    dataset = load_dataset(data, demo_root=store.root / "demo")
+    extractor = create_backbone(backbone, weights=weights, layers=layers, seed=seed, dtype=parse_dtype(dtype))
+    preprocessing = extractor.preprocessing()
+    key = canonical_hash(
+        {
+            "dataset": dataset.digest(),
+            "backbone": backbone,
+            "weights": extractor.weights_digest,
+            "layers": list(extractor.layers),
+            "preprocessing": preprocessing,
+            "dtype": dtype,
+        }
+    )
+    plan = BuildPlan(
+        store=store,
+        dataset=dataset,
+        backbone=backbone,
+        weights=weights,
+        layers=tuple(extractor.layers),
+        dtype=dtype,
+        seed=seed,
+        key=key,
+        name=feature_artifact_name(dataset, backbone, weights),
+        weights_digest=extractor.weights_digest,
+        spec=extractor.spec.to_dict(),
+        preprocessing=preprocessing,
+        nparams_backbone=extractor.nparams,
+    )
+    return plan, extractor
+
+
+@dataclass
+class ClipProgress:
+    """Features of one clip waiting to be written in chunk-aligned spans."""
+
+    arrays: ClipArrays
+    written: int = 0
+    features: list[dict[str, np.ndarray]] = field(default_factory=list)
+    masks: list[np.ndarray] = field(default_factory=list)
+    buffered: int = 0
+    futures: list[Future] = field(default_factory=list)
+
+    def append(self, features: dict[str, np.ndarray], masks: np.ndarray | None) -> None:
+        self.features.append(features)
+        if masks is not None:
+            self.masks.append(masks)
+        self.buffered += next(iter(features.values())).shape[0]
+
+    def next_span(self) -> int:
+        """Frames ready to write now: a whole chunk, or the clip's last partial chunk; 0 when neither."""
+        chunk = self.arrays.chunk_len()
+        if self.buffered >= chunk:
+            return chunk
+        if self.buffered and self.written + self.buffered == self.arrays.n_frames:
+            return self.buffered
+        return 0
+
+    def take(self, n: int) -> tuple[int, dict[str, np.ndarray], np.ndarray | None]:
+        """Remove the first ``n`` buffered frames; returns their start frame, features and masks."""
+        feats = {layer: np.concatenate([f[layer] for f in self.features]) for layer in self.features[0]}
+        masks = np.concatenate(self.masks) if self.masks else None
+        self.features = [{layer: v[n:] for layer, v in feats.items()}] if self.buffered > n else []
+        self.masks = [masks[n:]] if masks is not None and self.buffered > n else []
+        start = self.written
+        self.written += n
+        self.buffered -= n
+        return start, {layer: v[:n] for layer, v in feats.items()}, masks[:n] if masks is not None else None
+
+
+def _clip_attrs(records: Sequence[FrameRecord]) -> dict[str, Any]:
+    return {
+        "clip": records[0].clip,
+        "rows": [r.row for r in records],
+        "frames": [r.frame for r in records],
+        "raw": [str(r.raw) for r in records],
+        "annotation": [str(r.annotation) if r.annotation else None for r in records],
+    }
+
+
+def finished_clips(scratch: Path) -> set[str]:
+    """Clips whose arrays were completely written by an earlier (possibly killed) run."""
+    done = scratch / DONE_DIR
+    return {p.stem for p in done.glob("*.json")} if done.is_dir() else set()
+
+
+def featurize_clips(
+    extractor: FeatureExtractor,
+    dataset: Dataset,
+    clips: Sequence[str],
+    group_path: Path,
+    scratch: Path,
+    *,
+    dtype: str,
+    batch_size: int,
+    progress: bool = True,
+    on_frames: Callable[[int], None] | None = None,
+) -> int:
+    """Compute and write the arrays of ``clips``; mark each clip done once all its chunks are on disk.
+
+    Memory stays bounded: a few decoded batches ahead, at most one chunk per clip buffered, and a few
+    writes in flight. Returns the number of frames computed.
+    """
+    by_clip = dataset.clips()
+    records = [r for clip in clips for r in by_clip[clip]]
+    if not records:
+        return 0
+    device = next(iter(extractor.parameters()), torch.empty(0)).device
+    group = open_group(group_path)
+    (scratch / DONE_DIR).mkdir(parents=True, exist_ok=True)
+    with_masks = dataset.has_annotations
+    open_clips: dict[str, ClipProgress] = {}
+    stream = FrameStream(records, batch_size, device, with_masks=with_masks)
+    bar = tqdm(total=len(records), unit="frame", desc="featurize", disable=not progress, file=sys.stderr)
+    writers = min(8, max(2, (os.cpu_count() or 2) // 2))
+    max_pending = 2 * writers
+
+    def mark_done(clip: str) -> None:
+        state = open_clips.pop(clip)
+        for future in state.futures:
+            future.result()
+        shapes = {layer: list(a.shape) for layer, a in state.arrays.features.items()}
+        write_json_atomic(scratch / DONE_DIR / f"{clip}.json", {"clip": clip, "shapes": shapes})
+
+    with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="featstore-write") as writer:
+        in_flight: list[Future] = []
+        for batch in stream:
+            outputs = extractor.extract(batch.pixels)
+            host = {layer: to_storage(values.cpu()) for layer, values in outputs.items()}
+            for clip, lo, hi in _clip_runs(batch.records):
+                if clip not in open_clips:
+                    frame_size = (int(batch.pixels.shape[2]), int(batch.pixels.shape[3]))
+                    open_clips[clip] = ClipProgress(
+                        ClipArrays(
+                            group,
+                            clip,
+                            len(by_clip[clip]),
+                            {layer: tuple(v.shape[1:]) for layer, v in host.items()},  # type: ignore[misc]
+                            dtype,
+                            frame_size if with_masks else None,
+                            _clip_attrs(by_clip[clip]),
+                        )
+                    )
+                state = open_clips[clip]
+                state.append({layer: v[lo:hi] for layer, v in host.items()},
+                             batch.masks[lo:hi] if batch.masks is not None else None)
+                while n := state.next_span():
+                    future = writer.submit(state.arrays.write, *state.take(n))
+                    state.futures.append(future)
+                    in_flight.append(future)
+                    while len(in_flight) > max_pending:
+                        in_flight.pop(0).result()
+                if state.written == state.arrays.n_frames:
+                    mark_done(clip)
+            bar.update(len(batch.records))
+            if on_frames is not None:
+                on_frames(len(batch.records))
+        for future in in_flight:
+            future.result()
+    bar.close()
+    if open_clips:
+        raise FeatstoreError(f"clips {', '.join(open_clips)} were not completely written")
+    return len(records)
+
+
+def _clip_runs(records: Sequence[FrameRecord]) -> list[tuple[str, int, int]]:
+    """Split a batch into runs of consecutive frames of the same clip: ``(clip, start, stop)``."""
+    runs: list[tuple[str, int, int]] = []
+    for i, record in enumerate(records):
+        if runs and runs[-1][0] == record.clip:
+            runs[-1] = (record.clip, runs[-1][1], i + 1)
+        else:
+            runs.append((record.clip, i, i + 1))
+    return runs
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What ``featstore build`` reports."""
+
+    record: ArtifactRecord
+    path: Path
+    cached: bool
+    frames: int
+    clips: int
+    bytes: int
+    fps: float
+    nparams_backbone: int
+    shapes: dict[str, list[int]]
+
+    @property
+    def ref(self) -> str:
+        return self.record.ref
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ref": self.ref,
+            "path": str(self.path),
+            "cached": self.cached,
+            "frames": self.frames,
+            "clips": self.clips,
+            "bytes": self.bytes,
+            "fps": self.fps,
+            "nparams_backbone": self.nparams_backbone,
+            "feature_shape": self.shapes,
+        }
+
+
+def _result(store: Store, record: ArtifactRecord, cached: bool) -> BuildResult:
+    meta = record.metadata
+    return BuildResult(
+        record=record,
+        path=store.path(record) / GROUP_DIR,
+        cached=cached,
+        frames=int(meta["frames"]),
+        clips=len(meta["clips"]),
+        bytes=int(meta["bytes"]),
+        fps=0.0 if cached else float(meta["fps"]),
+        nparams_backbone=int(meta["nparams_backbone"]),
+        shapes={k: list(v) for k, v in meta["feature_shape"].items()},
+    )
+
+
+def commit_build(
+    plan: BuildPlan, staging: Staging, dataset_record: ArtifactRecord, extractor: FeatureExtractor, *, fps: float
+) -> ArtifactRecord:
+    """Publish the staged group once every clip is marked done."""
+    scratch = staging.scratch
+    done = finished_clips(scratch)
+    missing = sorted(set(plan.dataset.clips()) - done)
+    if missing:
+        raise FeatstoreError(f"cannot commit {plan.name}: clips {', '.join(missing[:5])} are not finished")
+    first = json.loads((scratch / DONE_DIR / f"{sorted(done)[0]}.json").read_text())
+    shapes = {layer: shape[1:] for layer, shape in first["shapes"].items()}
+    nbytes = sum(p.stat().st_size for p in (staging.path / GROUP_DIR).rglob("*") if p.is_file())
+    frame = plan.dataset.frames[0]
+    frame_size = _frame_size(frame)
+    device = next(iter(extractor.parameters())).device
+    nflops = count_flops(extractor, torch.zeros((1, *CONTEST_FRAME), device=device))
+    metadata = {
+        "backbone": {**plan.spec, "weights": plan.weights, "pretrained": plan.weights != "random", "seed": plan.seed},
+        "weights_digest": plan.weights_digest,
+        "layers": list(plan.layers),
+        "channels": {layer: int(s[0]) for layer, s in shapes.items()},
+        "strides": {layer: int(plan.spec["strides"][layer]) for layer in plan.layers},
+        "dtype": plan.dtype,
+        "preprocessing": plan.preprocessing,
+        "nparams_backbone": plan.nparams_backbone,
+        "nflops_backbone": nflops,
+        "dataset": {
+            "ref": dataset_record.ref,
+            "name": plan.dataset.name,
+            "digest": plan.dataset.digest(),
+            "has_annotations": plan.dataset.has_annotations,
+        },
+        "clips": {clip: len(recs) for clip, recs in plan.dataset.clips().items()},
+        "frames": len(plan.dataset.frames),
+        "frame_size": list(frame_size),
+        "feature_shape": {layer: list(s) for layer, s in shapes.items()},
+        "bytes": nbytes,
+        "fps": fps,
+    }
+    return staging.commit(parents=[dataset_record.ref], metadata=metadata)
+
+
+def _frame_size(record: FrameRecord) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(record.raw) as image:
+        width, height = image.size
+    return height, width
+
+
+def build_features(
+    store: Store,
+    backbone: str,
+    data: str | Path | None = None,
+    *,
+    weights: str = "imagenet",
+    layers: Sequence[str] | None = None,
+    dtype: str = "float16",
+    batch_size: int = 16,
+    device: str = "auto",
+    seed: int = 0,
+    scheduler: str | None = None,
+    progress: bool = True,
+    wandb: bool = False,
+) -> BuildResult:
+    """Featurize a dataset into a committed artifact; the same inputs again are a cache hit."""
+    if batch_size < 1:
+        raise FeatstoreError(f"--batch-size {batch_size} must be at least 1")
+    torch_device = resolve_device(device)
+    plan, extractor = prepare_build(store, backbone, data, weights=weights, layers=layers, dtype=dtype, seed=seed)
+    config = {"backbone": backbone, "weights": weights, "layers": list(plan.layers), "dtype": dtype,
+              "batch_size": batch_size, "device": str(torch_device), "scheduler": scheduler, "key": plan.key}
+    with WandbJob("featurize", config, enabled=wandb_requested(wandb), store=store) as job:
+        result = _build(plan, extractor, torch_device, batch_size=batch_size, device=device,
+                        scheduler=scheduler, progress=progress)
+        job.log(result.record)
+        job.log_metrics({"frames": result.frames, "fps": result.fps, "bytes": result.bytes,
+                         "nparams_backbone": result.nparams_backbone, "cached": result.cached})
+    return result
+
+
+def _build(
+    plan: BuildPlan,
+    extractor: FeatureExtractor,
+    torch_device: torch.device,
+    *,
+    batch_size: int,
+    device: str,
+    scheduler: str | None,
+    progress: bool,
+) -> BuildResult:
+    store = plan.store
+    cached = store.find("features", plan.name, plan.key)
+    if cached is not None:
+        return _result(store, cached, cached=True)
+    try:
+        return _build_uncached(plan, extractor, torch_device, batch_size=batch_size, device=device,
+                               scheduler=scheduler, progress=progress)
+    except OSError as exc:  # a full disk or unwritable store surfaces from zarr's writes as a bare OSError
+        if exc.errno is None:  # not a filesystem error (dask's closed connections are OSErrors too)
+            raise
+        _settle_zarr_writes()
+        raise StoreError(describe_os_error(exc, store.root)) from exc
+
+
+def _settle_zarr_writes(timeout: float = 10.0) -> None:
+    """Let the sibling chunk writes of a failed zarr write finish, so the user sees one error line.
+
+    zarr writes a selection's chunks as concurrent tasks on its own event loop; when one fails the
+    others are still pending, and at exit asyncio would report each of them as destroyed.
+    """
+    from zarr.core.sync import sync
+
+    async def settle() -> None:
+        current = asyncio.current_task()
+        pending = [task for task in asyncio.all_tasks() if task is not current]
+        if pending:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), timeout)
+
+    sync(settle())
+
+
+def _build_uncached(
+    plan: BuildPlan,
+    extractor: FeatureExtractor,
+    torch_device: torch.device,
+    *,
+    batch_size: int,
+    device: str,
+    scheduler: str | None,
+    progress: bool,
+) -> BuildResult:
+    store, dtype = plan.store, plan.dtype
+    dataset_record = commit_dataset(store, plan.dataset)
+    with store.stage("features", plan.name, plan.key) as staging:
+        if staging.committed is not None:
+            return _result(store, staging.committed, cached=True)
+        todo = [c for c in plan.dataset.clips() if c not in finished_clips(staging.scratch)]
+        if len(todo) < len(plan.dataset.clips()):
+            print(
+                f"featstore: resuming {plan.name}: {len(plan.dataset.clips()) - len(todo)} clip(s) already finished",
+                file=sys.stderr,
+            )
+        group_path = staging.path / GROUP_DIR
+        open_group(group_path)
+        started = time.perf_counter()
+        if scheduler:
+            from jobs.distributed import featurize_on_dask
+
+            frames = featurize_on_dask(plan, todo, group_path, staging.scratch, scheduler=scheduler,
+                                       batch_size=batch_size, device=device, progress=progress)
+        else:
+            extractor = extractor.to(torch_device).eval()
+            frames = featurize_clips(
+                extractor, plan.dataset, todo, group_path, staging.scratch,
+                dtype=dtype, batch_size=batch_size, progress=progress,
+            )
+        elapsed = time.perf_counter() - started
+        fps = frames / elapsed if frames and elapsed > 0 else 0.0
+        record = commit_build(plan, staging, dataset_record, extractor, fps=fps)
+    return _result(store, record, cached=False)

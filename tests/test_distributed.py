@@ -1,0 +1,32 @@
+"""The featurize job on a real dask.distributed LocalCluster gives the same artifact as a local build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from featstore.features import open_features
+from featstore.store import Store
+from jobs.featurize import build_features
+
+pytestmark = pytest.mark.dask
+
+
+def test_local_cluster_build_matches_local_build(tmp_path: Path, small_davis: Path) -> None:
+    local_store, dask_store = Store(tmp_path / "local"), Store(tmp_path / "dask")
+    local = build_features(local_store, "tiny", small_davis, weights="random", device="cpu", progress=False)
+    distributed = build_features(dask_store, "tiny", small_davis, weights="random", device="cpu",
+                                 scheduler="local:2", progress=False)
+    assert distributed.record.key == local.record.key and distributed.ref == local.ref
+    assert dask_store.verify(distributed.record) == []
+    a, b = open_features(local_store, local.ref), open_features(dask_store, distributed.ref)
+    for clip in a.clips:
+        assert a.rows(clip) == b.rows(clip)
+        for layer in a.layers:
+            assert torch.equal(a.read(clip, layer), b.read(clip, layer))
+        assert torch.equal(a.read_masks(clip), b.read_masks(clip))
+    again = build_features(dask_store, "tiny", small_davis, weights="random", device="cpu",
+                           scheduler="local:2", progress=False)
+    assert again.cached and again.ref == distributed.ref

@@ -1,0 +1,172 @@
+"""`featstore build`: features land in a committed zarr artifact that matches a direct forward pass."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from featstore.backbones import create_backbone
+from featstore.cli import main
+from featstore.datasets import load_dataset, read_frame
+from featstore.errors import DatasetError, StoreError
+from featstore.features import open_features
+from featstore.store import Store
+from jobs.featurize import build_features, featurize_clips, finished_clips, prepare_build
+
+
+def test_build_writes_features_masks_and_lineage(tmp_path: Path, small_davis: Path) -> None:
+    store = Store(tmp_path / "store")
+    result = build_features(store, "tiny", small_davis, weights="random", batch_size=4, device="cpu", progress=False)
+    assert result.ref == "small-davis.tiny.random:v1"
+    assert (result.frames, result.clips, result.cached) == (12, 3, False)
+    assert result.bytes > 0 and result.fps > 0
+    features = open_features(store, result.ref)
+    assert features.clips == ("alpha", "beta", "gamma")
+    dataset = load_dataset(small_davis)
+    extractor = create_backbone("tiny", weights="random", dtype=torch.float16)
+    for clip, records in dataset.clips().items():
+        assert features.rows(clip) == [r.row for r in records]
+        frames = torch.stack([torch.from_numpy(read_frame(r.raw)).permute(2, 0, 1) for r in records])
+        expected = extractor.extract(frames)
+        for layer in features.layers:
+            stored = features.read(clip, layer)
+            assert stored.dtype == torch.float16
+            torch.testing.assert_close(stored, expected[layer], rtol=0, atol=0)
+        masks = features.read_masks(clip)
+        assert masks.shape == (len(records), 64, 96) and set(masks.unique().tolist()) <= {0, 1}
+        assert masks.sum() > 0
+    record = features.record
+    assert record.parents == (store.resolve("small-davis", type="dataset").ref,)
+    assert record.metadata["nparams_backbone"] == extractor.nparams
+    assert store.verify(record) == []
+    again = build_features(store, "tiny", small_davis, weights="random", batch_size=3, device="cpu", progress=False)
+    assert again.cached and again.ref == result.ref, "same inputs: same reference, nothing computed"
+
+
+def test_chunks_hold_about_a_megabyte_and_are_frame_aligned(tmp_path: Path, small_davis: Path) -> None:
+    store = Store(tmp_path / "store")
+    result = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
+    group = zarr.open_group(str(result.path), mode="r")
+    for layer in open_features(store, result.ref).layers:
+        array = group[f"features/{layer}/alpha"]
+        assert array.chunks[1:] == array.shape[1:], "chunked along frames only"
+        frame_bytes = int(np.prod(array.shape[1:])) * array.dtype.itemsize
+        assert array.chunks[0] == min(array.shape[0], -(-(1 << 20) // frame_bytes))
+
+
+def test_changed_inputs_make_a_new_version(tmp_path: Path, small_davis: Path) -> None:
+    store = Store(tmp_path / "store")
+    first = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
+    other_dtype = build_features(store, "tiny", small_davis, weights="random", dtype="float32", device="cpu",
+                                 progress=False)
+    other_seed = build_features(store, "tiny", small_davis, weights="random", seed=1, device="cpu", progress=False)
+    assert [first.ref, other_dtype.ref, other_seed.ref] == [
+        "small-davis.tiny.random:v1", "small-davis.tiny.random:v2", "small-davis.tiny.random:v3"]
+    assert open_features(store, other_dtype.ref).read("beta", "stage2").dtype == torch.float32
+
+
+def test_bfloat16_round_trips(tmp_path: Path, small_davis: Path) -> None:
+    store = Store(tmp_path / "store")
+    result = build_features(store, "tiny", small_davis, weights="random", dtype="bfloat16", device="cpu",
+                            progress=False)
+    stored = open_features(store, result.ref).read("alpha", "stage2")
+    assert stored.dtype == torch.bfloat16 and stored.abs().sum() > 0
+
+
+def test_bad_dataset_writes_nothing(tmp_path: Path, small_davis: Path) -> None:
+    (small_davis / "Annotations" / "480p" / "beta" / "00001.png").write_bytes(b"not a png")
+    store = Store(tmp_path / "store")
+    with pytest.raises(DatasetError, match="00001.png"):
+        build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
+    assert not (tmp_path / "store").exists()
+
+
+def test_interrupted_build_resumes_from_finished_clips(tmp_path: Path, small_davis: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    store = Store(tmp_path / "store")
+    plan, extractor = prepare_build(store, "tiny", small_davis, weights="random")
+    with store.stage("features", plan.name, plan.key) as staging:
+        featurize_clips(extractor, plan.dataset, ["alpha"], staging.path / "features.zarr", staging.scratch,
+                        dtype="float16", batch_size=2, progress=False)
+        assert finished_clips(staging.scratch) == {"alpha"}
+    assert store.list("features") == [], "an unfinished build is invisible"
+    result = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
+    assert "1 clip(s) already finished" in capsys.readouterr().err
+    assert result.frames == 12 and store.verify(result.record) == []
+
+
+def test_damaged_chunk_is_caught_by_readers_and_verify(tmp_path: Path, small_davis: Path) -> None:
+    store = Store(tmp_path / "store")
+    result = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
+    chunk = sorted((result.path / "features" / "stage2" / "gamma").rglob("c/*/*/*/*"))[0]
+    chunk.unlink()
+    with pytest.raises(StoreError, match="missing file"):
+        open_features(store, result.ref).read("gamma", "stage2")
+    assert main(["verify", result.ref, "--store", str(store.root)]) == 1
+    assert open_features(store, result.ref).read("alpha", "stage2").shape[0] == 5, "intact clips stay readable"
+
+
+def test_cli_build_ls_show_verify_json(tmp_path: Path, small_davis: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = str(tmp_path / "store")
+    args = ["build", "--backbone", "tiny", "--weights", "random", "--data", str(small_davis), "--store", store,
+            "--device", "cpu", "--json", "--quiet"]
+    assert main(args) == 0
+    built = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"ref", "path", "cached", "frames", "clips", "bytes", "fps", "nparams_backbone"} <= set(built)
+    assert built["cached"] is False and built["frames"] == 12 and Path(built["path"]).is_dir()
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cached"] is True
+    assert main(["ls", "--store", store, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["artifacts"]
+    assert {(a["type"], a["name"], a["version"]) for a in listed} == {
+        ("dataset", "small-davis", 1), ("features", "small-davis.tiny.random", 1)}
+    assert main(["show", built["ref"], "--store", store, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert shown["lineage"] == ["small-davis:v1"] and shown["metadata"]["nparams_backbone"] == built["nparams_backbone"]
+    assert main(["verify", built["ref"], "--store", store, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ok"] is True
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["build", "--backbone", "tiny", "--weights", "random", "--data", str(tmp_path / "nope"),
+                 "--store", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(tmp_path / "nope") in err
+    assert main(["show", "missing:v1", "--store", str(tmp_path / "s")]) == 1
+    assert "featstore ls" in capsys.readouterr().err
+    assert main(["build", "--backbone", "tiny", "--weights", "random", "--store", str(tmp_path / "s"),
+                 "--batch-size", "0"]) == 1
+    assert "--batch-size" in capsys.readouterr().err
+
+
+def test_demo_dataset_is_the_default(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    result = build_features(store, "tiny", None, weights="random", device="cpu", progress=False)
+    assert result.ref.startswith("demo.tiny.random:v1") and result.frames > 0
+    assert (store.root / "demo").is_dir()
+
+
+@pytest.mark.realdata
+def test_real_clips_with_offline_lite0(tmp_path: Path, davis_dev: Path) -> None:
+    subset = tmp_path / "two-clips"
+    for kind, ext in (("JPEGImages", "jpg"), ("Annotations", "png")):
+        for clip in ("car-shadow", "motocross-jump"):
+            (subset / kind / "480p" / clip).mkdir(parents=True)
+            for i in range(5):
+                name = f"{i:05d}.{ext}"
+                (subset / kind / "480p" / clip / name).symlink_to(davis_dev / kind / "480p" / clip / name)
+    store = Store(tmp_path / "store")
+    result = build_features(store, "efficientnet_lite0", subset, batch_size=5, device="cpu", progress=False)
+    features = open_features(store, result.ref)
+    assert result.frames == 10 and features.backbone["pretrained"] is True
+    assert features.frame_size == (480, 854)
+    deepest = features.layers[-1]
+    values = features.read("car-shadow", deepest)
+    assert values.shape[0] == 5 and values.shape[2:] == (15, 27)
+    assert torch.isfinite(values.float()).all() and values.float().std() > 0
+    assert features.read_masks("motocross-jump").float().mean() > 0.01

@@ -1,0 +1,78 @@
+"""The Lightning wrappers train a head end to end from device-resident features and log the contest IoU."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from synthetic_features import synthetic_features
+
+from decoders import HeadConfig, evaluate
+from decoders.lightning import FeatureDataModule, HeadModule
+from featstore.errors import FeatstoreError
+
+
+def _trainer(epochs: int = 1) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+
+
+def test_trainer_runs_end_to_end_and_logs_val_iou() -> None:
+    train = synthetic_features({"a": 8, "b": 8, "c": 8}, seed=10)
+    val = synthetic_features({"v": 6, "w": 5}, seed=11)
+    data = FeatureDataModule(train=train, val=val, batch_size=4, seed=0)
+    module = HeadModule.for_features(HeadConfig("fpn", lr=3e-3, options={"width": 16}), train, seed=0)
+    trainer = _trainer()
+    trainer.fit(module, datamodule=data)
+    assert trainer.state.finished
+    assert trainer.global_step == 6
+    assert "val_iou" in trainer.callback_metrics and "train_loss" in trainer.callback_metrics
+    val_iou = float(trainer.callback_metrics["val_iou"])
+    assert 0.0 <= val_iou <= 1.0
+    assert (
+        module.val_scores is not None
+        and module.val_scores.frames_scored + module.val_scores.frames_both_empty == 11
+    )
+    # The logged number is the contest rule as train_heads applies it.
+    assert val_iou == pytest.approx(evaluate(module.head, val).mean_iou, abs=1e-6)
+
+
+def test_loaders_yield_indices_that_become_device_features() -> None:
+    train = synthetic_features({"a": 5, "b": 4}, seed=12)
+    data = FeatureDataModule(train=train, batch_size=4, temporal_window=1)
+    data.setup("fit")
+    batches = list(data.train_dataloader())
+    assert [b["split"] for b in batches] == ["train"] * 3
+    assert sorted(torch.cat([b["index"] for b in batches]).tolist()) == list(range(9))
+    assert data.val_dataloader() == []
+    ready = data.on_after_batch_transfer(batches[0], 0)
+    assert ready["features"]["fine"].shape == (4, 3, 8, 16, 24)
+    assert ready["features"]["fine"].dtype == torch.float16
+    assert ready["masks"].shape == (4, 64, 96)
+    assert torch.equal(ready["clip_ids"], train.clip_ids[batches[0]["index"]])
+
+
+def test_temporal_head_trains_through_lightning_and_needs_its_window() -> None:
+    train = synthetic_features({"a": 6, "b": 6}, seed=13)
+    val = synthetic_features({"v": 4}, seed=14)
+    config = HeadConfig("temporal", options={"width": 8})
+    module = HeadModule.for_features(config, train)
+    trainer = _trainer()
+    trainer.fit(module, datamodule=FeatureDataModule(train=train, val=val, batch_size=6, temporal_window=1))
+    assert "val_iou" in trainer.callback_metrics
+    with pytest.raises(FeatstoreError, match="temporal_window=1"):
+        _trainer().fit(
+            HeadModule.for_features(config, train), datamodule=FeatureDataModule(train=train, batch_size=6)
+        )
+
+
+def test_data_module_needs_exactly_one_source() -> None:
+    with pytest.raises(FeatstoreError, match="exactly one source"):
+        FeatureDataModule()
