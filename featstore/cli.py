@@ -67,6 +67,41 @@ def cmd_build(args: argparse.Namespace, store: Store) -> dict[str, Any]:
     return result.to_json()
 
 
+def cmd_train(args: argparse.Namespace, store: Store) -> dict[str, Any]:
+    from jobs.train import train_decoders
+
+    result = train_decoders(
+        store,
+        args.features,
+        val_features=args.val_features,
+        holdout_fraction=args.holdout_fraction,
+        seed=args.seed,
+        decoders=args.decoder or None,
+        lrs=args.lr,
+        weight_decays=args.weight_decay,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        budget=args.budget,
+        device=args.device,
+        progress=_progress(args),
+        wandb=args.wandb,
+    )
+    out = result.to_json()
+    if not args.json:
+        _say(
+            f"decoder           {result.ref}{'  (cached: nothing trained)' if result.cached else ''}",
+            f"best head         {out['head']['decoder']} lr={out['head']['lr']:g} of {len(out['heads'])} trained",
+            f"val mean IoU      {out['val_mean_iou']:.4f}   (J {out['val_j_mean']:.4f}) on {', '.join(out['val_clips'])}",
+            f"nparams           {out['nparams']:,} = backbone {out['nparams_backbone']:,} + head {out['nparams_head']:,}",
+            f"nflops            {out['nflops']:,}",
+            f"train frames/s    {out['train_frames_per_s']:.1f}",
+        )
+        if len(out["heads"]) > 1:
+            for head in sorted(out["heads"], key=lambda h: -(h["val_mean_iou"] or 0)):
+                _say(f"  {head['head']:<48} val IoU {head['val_mean_iou']:.4f}")
+    return out
+
+
 def cmd_ls(args: argparse.Namespace, store: Store) -> dict[str, Any]:
     records = store.list(args.type)
     if not args.json:
@@ -165,6 +200,13 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _floats(value: str) -> list[float]:
+    try:
+        return [float(v) for v in _csv(value)]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of numbers") from exc
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="featstore",
@@ -185,6 +227,23 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--wandb", action="store_true", help="log the job to Weights & Biases (or FEATSTORE_WANDB=1)")
     _add_common(build)
     build.set_defaults(handler=cmd_build)
+
+    train = sub.add_parser("train", help="train decoder heads from device-resident features")
+    train.add_argument("--features", required=True, help="feature artifact REF to train on")
+    split = train.add_mutually_exclusive_group()
+    split.add_argument("--val-features", default=None, help="feature artifact REF of the validation clips")
+    split.add_argument("--holdout-fraction", type=float, default=0.25, help="fraction of clips held out (default 0.25)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the clip split, head initialisation and batches")
+    train.add_argument("--decoder", type=_csv, default=None, help="head(s), comma-separated: linear, conv, fpn, temporal (default: fpn, the recommended head)")
+    train.add_argument("--lr", type=_floats, default=[1e-3], help="learning rate(s), comma-separated: one head each")
+    train.add_argument("--weight-decay", type=_floats, default=[1e-4], help="weight decay(s), comma-separated")
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--budget", type=int, default=50_000_000, help="max parameters, backbone plus head")
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    train.add_argument("--wandb", action="store_true", help="log the job to Weights & Biases (or FEATSTORE_WANDB=1)")
+    _add_common(train)
+    train.set_defaults(handler=cmd_train)
 
     ls = sub.add_parser("ls", help="list committed artifacts")
     ls.add_argument("--type", choices=["dataset", "features", "decoder", "result"], default=None)
@@ -223,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FeatstoreError as exc:
         print(f"featstore {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`): not an error of ours
+        return 0
     except KeyboardInterrupt:
         print(f"featstore {args.command}: interrupted; nothing partial was committed", file=sys.stderr)
         return 130

@@ -1,0 +1,231 @@
+"""The train job: a grid of decoder heads from one feature artifact, the best committed as a decoder artifact.
+
+Features (and masks) are loaded onto the device once; every head of the grid trains over the same
+batches in one loop. The budget is checked on backbone plus head before any training starts.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from decoders import (
+    DEFAULT_DECODER,
+    Decoder,
+    DeviceFeatures,
+    HeadConfig,
+    best_head,
+    holdout_split,
+    train_heads,
+)
+from decoders._registry import create_decoder
+from decoders.training import build_head
+from featstore.accounting import CONTEST_FRAME, check_budget
+from featstore.errors import FeatstoreError
+from featstore.features import FeatureArtifact, open_features
+from featstore.store import ArtifactRecord, Store, canonical_hash, write_json_atomic
+from featstore.wandb_sync import WandbJob, wandb_requested
+from jobs.featurize import resolve_device
+
+DEFAULT_BUDGET = 50_000_000
+WEIGHTS_FILE = "decoder.pt"
+SPEC_FILE = "decoder.json"
+METRICS_FILE = "heads.json"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What ``featstore train`` reports."""
+
+    record: ArtifactRecord
+    cached: bool
+
+    @property
+    def ref(self) -> str:
+        return self.record.ref
+
+    def to_json(self) -> dict[str, Any]:
+        meta = self.record.metadata
+        keys = ("nparams_backbone", "nparams_head", "nparams", "nflops_backbone", "nflops_head", "nflops",
+                "train_frames_per_s", "train_seconds", "val_mean_iou", "val_j_mean", "val_per_clip", "head",
+                "train_clips", "val_clips", "heads")
+        return {"ref": self.ref, "cached": self.cached, **{k: meta[k] for k in keys}}
+
+
+def head_grid(decoders: Sequence[str], lrs: Sequence[float], weight_decays: Sequence[float]) -> list[HeadConfig]:
+    """One config per (decoder, learning rate, weight decay) combination."""
+    return [
+        HeadConfig(decoder=name, lr=lr, weight_decay=wd)
+        for name, lr, wd in itertools.product(decoders, lrs, weight_decays)
+    ]
+
+
+def contest_feature_sizes(artifact: FeatureArtifact) -> dict[str, tuple[int, int]]:
+    """Feature map sizes of one 480x854 contest frame, for the FLOP count, without touching real data."""
+    if artifact.frame_size == tuple(CONTEST_FRAME[1:]):
+        return {layer: (int(s[1]), int(s[2])) for layer, s in artifact.metadata["feature_shape"].items()}
+    from featstore.backbones import create_backbone
+
+    backbone = artifact.backbone
+    extractor = create_backbone(backbone["name"], weights="random", layers=artifact.layers)
+    with torch.inference_mode():
+        outputs = extractor(torch.zeros((1, *CONTEST_FRAME)))
+    return {layer: (int(v.shape[2]), int(v.shape[3])) for layer, v in outputs.items()}
+
+
+def _check_compatible(train: FeatureArtifact, val: FeatureArtifact) -> None:
+    same = ("backbone", "layers", "dtype", "weights_digest", "preprocessing")
+    differing = [k for k in same if train.metadata.get(k) != val.metadata.get(k)]
+    if differing:
+        raise FeatstoreError(
+            f"--val-features {val.record.ref} differs from --features {train.record.ref} in {', '.join(differing)}: "
+            "build both with the same backbone, weights, layers and dtype"
+        )
+
+
+def load_decoder(store: Store, ref: str, device: torch.device | str = "cpu") -> tuple[Decoder, ArtifactRecord]:
+    """Rebuild a committed decoder head with its trained weights."""
+    record = store.resolve(ref, type="decoder")
+    store.require_intact(record)
+    folder = store.path(record)
+    spec = record.metadata["decoder"]
+    decoder = create_decoder(spec["name"], spec["channels"], spec["strides"], **spec["config"])
+    state = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    decoder.load_state_dict(state)
+    return decoder.to(device).eval(), record
+
+
+def train_decoders(
+    store: Store,
+    features: str,
+    *,
+    val_features: str | None = None,
+    holdout_fraction: float = 0.25,
+    seed: int = 0,
+    decoders: Sequence[str] | None = None,
+    lrs: Sequence[float] = (1e-3,),
+    weight_decays: Sequence[float] = (1e-4,),
+    epochs: int = 10,
+    batch_size: int = 8,
+    budget: int = DEFAULT_BUDGET,
+    device: str = "auto",
+    progress: bool = True,
+    wandb: bool = False,
+) -> TrainResult:
+    """Train one head per grid point on device-resident features; commit the best on validation clips."""
+    if batch_size < 1:
+        raise FeatstoreError(f"--batch-size {batch_size} must be at least 1")
+    if budget < 1:
+        raise FeatstoreError(f"--budget {budget} must be a positive number of parameters")
+    decoders = list(decoders or [DEFAULT_DECODER])
+    artifact = open_features(store, features)
+    configs = head_grid(decoders, lrs, weight_decays)
+    channels, strides = artifact.channels(), artifact.strides()
+    for config in configs:
+        head = build_head(config, channels, strides, seed)
+        total = artifact.nparams_backbone + head.nparams
+        try:
+            check_budget(total, budget)
+        except FeatstoreError as exc:
+            raise type(exc)(
+                f"{config.decoder} head: backbone {artifact.nparams_backbone:,} + head {head.nparams:,} = "
+                f"{total:,} parameters exceeds --budget {budget:,}: pick a smaller backbone or head"
+            ) from exc
+    val_artifact = open_features(store, val_features) if val_features else None
+    if val_artifact is not None:
+        _check_compatible(artifact, val_artifact)
+        train_clips, val_clips = list(artifact.clips), list(val_artifact.clips)
+        split: dict[str, Any] = {"val_features": val_artifact.record.ref}
+    else:
+        train_clips, val_clips = holdout_split(artifact.clips, holdout_fraction, seed)
+        split = {"holdout_fraction": holdout_fraction, "seed": seed}
+    grid = [c.to_dict() for c in configs]
+    key = canonical_hash(
+        {"features": artifact.record.key, "val": val_artifact.record.key if val_artifact else None, "split": split,
+         "grid": grid, "epochs": epochs, "batch_size": batch_size, "seed": seed, "budget": budget}
+    )
+    name = f"{artifact.record.name}.{'-'.join(dict.fromkeys(decoders))}"
+    parents = [artifact.record.ref] + ([val_artifact.record.ref] if val_artifact else [])
+    torch_device = resolve_device(device)
+    config = {"features": artifact.record.ref, "grid": grid, "epochs": epochs, "batch_size": batch_size,
+              "budget": budget, "device": str(torch_device), **split}
+    with WandbJob("train", config, enabled=wandb_requested(wandb), store=store) as job:
+        for parent in parents:
+            job.use(store.resolve(parent))
+        cached = store.find("decoder", name, key)
+        if cached is not None:
+            job.log(cached)
+            return TrainResult(cached, cached=True)
+        train = DeviceFeatures.from_artifact(artifact, train_clips, torch_device)
+        val_source = val_artifact or artifact
+        val = DeviceFeatures.from_artifact(val_source, val_clips, torch_device)
+        print(
+            f"featstore: training {len(configs)} head(s) on {len(train)} frames of {len(train_clips)} clip(s), "
+            f"validating on {len(val)} frames of {len(val_clips)} clip(s), {train.nbytes / 1e6:.0f} MB on {torch_device}",
+            file=sys.stderr,
+        )
+        heads = train_heads(train, val, configs, epochs=epochs, batch_size=batch_size, seed=seed, progress=progress)
+        best = best_head(heads)
+        record = _commit(store, name, key, parents, artifact, best, heads, train_clips, val_clips, split)
+        job.log(record)
+        job.log_metrics({k: v for k, v in record.metadata.items() if isinstance(v, int | float)})
+    return TrainResult(record, cached=False)
+
+
+def _commit(
+    store: Store,
+    name: str,
+    key: str,
+    parents: list[str],
+    artifact: FeatureArtifact,
+    best: Any,
+    heads: list[Any],
+    train_clips: list[str],
+    val_clips: list[str],
+    split: dict[str, Any],
+) -> ArtifactRecord:
+    decoder: Decoder = best.decoder.cpu().float()
+    sizes = contest_feature_sizes(artifact)
+    nflops_head = decoder.nflops(sizes, tuple(CONTEST_FRAME[1:]))
+    nparams_head = decoder.nparams
+    assert best.val is not None
+    metadata = {
+        "features": artifact.record.ref,
+        "backbone": artifact.backbone,
+        "layers": list(artifact.layers),
+        "dtype": artifact.metadata["dtype"],
+        "preprocessing": artifact.metadata.get("preprocessing"),
+        "weights_digest": artifact.metadata.get("weights_digest"),
+        "decoder": decoder.spec(),
+        "head": best.config.to_dict(),
+        "nparams_backbone": artifact.nparams_backbone,
+        "nparams_head": nparams_head,
+        "nparams": artifact.nparams_backbone + nparams_head,
+        "nflops_backbone": artifact.nflops_backbone,
+        "nflops_head": nflops_head,
+        "nflops": artifact.nflops_backbone + nflops_head,
+        "train_frames_per_s": best.train_frames_per_s,
+        "train_seconds": sum(h.train_seconds for h in heads),
+        "val_mean_iou": best.val.mean_iou,
+        "val_j_mean": best.val.j_mean,
+        "val_per_clip": dict(best.val.per_clip),
+        "train_clips": train_clips,
+        "val_clips": val_clips,
+        "split": split,
+        "heads": [{k: v for k, v in h.metrics().items() if k != "val_per_clip"} for h in heads],
+    }
+    with store.stage("decoder", name, key) as staging:
+        if staging.committed is not None:
+            return staging.committed
+        buffer = io.BytesIO()
+        torch.save(decoder.state_dict(), buffer)
+        (staging.path / WEIGHTS_FILE).write_bytes(buffer.getvalue())
+        write_json_atomic(staging.path / SPEC_FILE, decoder.spec())
+        write_json_atomic(staging.path / METRICS_FILE, [h.metrics() for h in heads])
+        return staging.commit(parents=parents, metadata=metadata)

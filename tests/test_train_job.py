@@ -1,0 +1,95 @@
+"""`featstore train`: a grid of heads from stored features, the best committed with its accounting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from decoders import DeviceFeatures, evaluate
+from featstore.cli import main
+from featstore.errors import BudgetError, FeatstoreError
+from featstore.features import open_features
+from featstore.store import Store
+from jobs.featurize import build_features
+from jobs.train import load_decoder, train_decoders
+
+from conftest import write_davis
+
+
+@pytest.fixture
+def tiny_features(tmp_path: Path) -> tuple[Store, str]:
+    data = write_davis(tmp_path / "train-davis", {f"clip{i}": 4 for i in range(4)}, size=(48, 64))
+    store = Store(tmp_path / "store")
+    return store, build_features(store, "tiny", data, weights="random", device="cpu", progress=False).ref
+
+
+def test_grid_trains_and_commits_the_best_head(tiny_features: tuple[Store, str]) -> None:
+    store, ref = tiny_features
+    result = train_decoders(store, ref, decoders=["linear", "fpn"], lrs=[1e-3, 1e-2], epochs=2, batch_size=4,
+                            device="cpu", progress=False)
+    meta = result.record.metadata
+    assert result.record.parents == (ref,)
+    assert len(meta["heads"]) == 4, "one head per (decoder, lr)"
+    assert meta["val_mean_iou"] == max(h["val_mean_iou"] for h in meta["heads"])
+    assert set(meta["train_clips"]).isdisjoint(meta["val_clips"]), "split by clip, never frames"
+    assert sorted(meta["train_clips"] + meta["val_clips"]) == sorted(open_features(store, ref).clips)
+    decoder, record = load_decoder(store, result.ref)
+    assert meta["nparams_head"] == sum(p.numel() for p in decoder.parameters())
+    assert meta["nparams"] == meta["nparams_backbone"] + meta["nparams_head"]
+    assert meta["nparams_backbone"] == open_features(store, ref).nparams_backbone
+    assert meta["nflops"] == meta["nflops_backbone"] + meta["nflops_head"] > 0
+    val = DeviceFeatures.from_artifact(open_features(store, ref), meta["val_clips"], "cpu")
+    assert evaluate(decoder, val, batch_size=4).mean_iou == pytest.approx(meta["val_mean_iou"])
+    again = train_decoders(store, ref, decoders=["linear", "fpn"], lrs=[1e-3, 1e-2], epochs=2, batch_size=4,
+                           device="cpu", progress=False)
+    assert again.cached and again.ref == result.ref
+    assert store.verify(record) == []
+
+
+def test_over_budget_is_an_error_before_training(tiny_features: tuple[Store, str]) -> None:
+    store, ref = tiny_features
+    with pytest.raises(BudgetError, match=r"exceeds --budget 10,000"):
+        train_decoders(store, ref, budget=10_000, device="cpu", progress=False)
+    assert store.list("decoder") == []
+
+
+def test_validation_features_must_match(tmp_path: Path, tiny_features: tuple[Store, str]) -> None:
+    store, ref = tiny_features
+    other = write_davis(tmp_path / "val-davis", {"v0": 3, "v1": 3}, size=(48, 64), seed=1)
+    same = build_features(store, "tiny", other, weights="random", device="cpu", progress=False).ref
+    result = train_decoders(store, ref, val_features=same, decoders=["linear"], epochs=1, device="cpu",
+                            progress=False)
+    assert result.record.metadata["val_clips"] == ["v0", "v1"]
+    assert result.record.parents == (ref, same)
+    different = build_features(store, "tiny", other, weights="random", seed=3, device="cpu", progress=False).ref
+    with pytest.raises(FeatstoreError, match="weights_digest"):
+        train_decoders(store, ref, val_features=different, device="cpu", progress=False)
+
+
+def test_cli_train_json(tiny_features: tuple[Store, str], capsys: pytest.CaptureFixture[str]) -> None:
+    store, ref = tiny_features
+    code = main(["train", "--features", ref, "--store", str(store.root), "--decoder", "linear", "--lr", "0.001,0.01",
+                 "--epochs", "1", "--device", "cpu", "--json", "--quiet"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"ref", "nparams_backbone", "nparams_head", "nparams", "train_frames_per_s", "val_mean_iou"} <= set(out)
+    assert out["nparams"] == out["nparams_backbone"] + out["nparams_head"]
+    with pytest.raises(SystemExit) as bad_lr:
+        main(["train", "--features", ref, "--store", str(store.root), "--lr", "fast"])
+    assert bad_lr.value.code == 2 and "'fast' is not a comma-separated list" in capsys.readouterr().err
+    assert main(["train", "--features", "nope:v1", "--store", str(store.root)]) == 1
+    assert "no features artifact named 'nope'" in capsys.readouterr().err
+
+
+def test_trained_decoder_predicts_full_resolution(tiny_features: tuple[Store, str]) -> None:
+    store, ref = tiny_features
+    result = train_decoders(store, ref, decoders=["linear"], epochs=1, device="cpu", progress=False)
+    decoder, _ = load_decoder(store, result.ref)
+    features = open_features(store, ref)
+    batch = {layer: features.read("clip0", layer)[:2].float() for layer in features.layers}
+    with torch.no_grad():
+        logits = decoder(batch, features.frame_size)
+    assert logits.shape == (2, 1, 48, 64)
