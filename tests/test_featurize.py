@@ -81,7 +81,7 @@ def test_bfloat16_round_trips(tmp_path: Path, small_davis: Path) -> None:
 def test_bad_dataset_writes_nothing(tmp_path: Path, small_davis: Path) -> None:
     (small_davis / "Annotations" / "480p" / "beta" / "00001.png").write_bytes(b"not a png")
     store = Store(tmp_path / "store")
-    with pytest.raises(DatasetError, match="00001.png"):
+    with pytest.raises(DatasetError, match=r"00001\.png"):
         build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
     assert not (tmp_path / "store").exists()
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_davis
 
 from decoders import DeviceFeatures, evaluate
 from featstore.cli import main
@@ -15,8 +16,6 @@ from featstore.features import open_features
 from featstore.store import Store
 from jobs.featurize import build_features
 from jobs.train import load_decoder, train_decoders
-
-from conftest import write_davis
 
 
 @pytest.fixture
