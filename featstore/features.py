@@ -55,6 +55,10 @@ def _compressor(itemsize: int) -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=1 if itemsize > 1 else 3, shuffle="shuffle", typesize=itemsize)
 
 
+# Chunk files side by side ("c.0.0.0.0") rather than a folder per chunk: fewer inodes to create and flush.
+_FLAT_KEYS = {"name": "default", "separator": "."}
+
+
 def features_path(layer: str, clip: str) -> str:
     return f"features/{layer}/{clip}"
 
@@ -92,6 +96,7 @@ class ClipArrays:
                 fill_value=0,
                 overwrite=True,
                 config={"write_empty_chunks": True},
+                chunk_key_encoding=_FLAT_KEYS,
                 attributes={**attrs, "layer": layer, "featstore_dtype": dtype},
             )
         self.masks: zarr.Array | None = None
@@ -106,6 +111,7 @@ class ClipArrays:
                 fill_value=0,
                 overwrite=True,
                 config={"write_empty_chunks": True},
+                chunk_key_encoding=_FLAT_KEYS,
                 attributes=attrs,
             )
 

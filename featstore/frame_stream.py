@@ -39,7 +39,8 @@ def _read_bytes(record: FrameRecord) -> torch.Tensor:
 
 
 def _load_cpu(record: FrameRecord) -> torch.Tensor:
-    return torch.from_numpy(read_frame(record.raw)).permute(2, 0, 1)
+    """(H, W, 3): decoders produce pixels interleaved, and stacking them so keeps the batch channels-last."""
+    return torch.from_numpy(read_frame(record.raw))
 
 
 @dataclass
@@ -108,7 +109,9 @@ class FrameStream:
         out = []
         start = 0
         for records, group in groups:
-            pixels = torch.stack(group)
+            # CPU frames decode interleaved (H, W, 3): stacking them is a plain copy and the permuted view
+            # is already the channels-last batch the backbone runs on, so no transposing copy is made.
+            pixels = torch.stack(group) if self._gpu_decode else torch.stack(group).permute(0, 3, 1, 2)
             masks = None
             if masks_by_record is not None:
                 size = (int(pixels.shape[2]), int(pixels.shape[3]))

@@ -45,20 +45,25 @@ def default_store_root() -> Path:
     return Path(home).expanduser() if home else Path.home() / ".featstore"
 
 
-def sha256_file(path: Path, block: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes, read in large blocks (hashlib releases the GIL on them)."""
+def sha256_file(path: Path, block: int = 1 << 22, *, fsync: bool = False) -> str:
+    """Hex sha256 of a file's bytes, read in large blocks (hashlib releases the GIL on them).
+
+    With ``fsync`` the file is also flushed to disk while it is open, so committing costs one pass.
+    """
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(block):
             digest.update(chunk)
+        if fsync:
+            os.fsync(handle.fileno())
     return digest.hexdigest()
 
 
-def hash_files(root: Path, relpaths: Sequence[str]) -> dict[str, str]:
+def hash_files(root: Path, relpaths: Sequence[str], *, fsync: bool = False) -> dict[str, str]:
     """sha256 of many files in parallel threads, keyed by their path relative to ``root``."""
-    workers = min(8, (os.cpu_count() or 1) * 2)
+    workers = min(16, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        digests = pool.map(lambda rel: sha256_file(root / rel), relpaths)
+        digests = pool.map(lambda rel: sha256_file(root / rel, fsync=fsync), relpaths)
         return dict(zip(relpaths, digests, strict=True))
 
 
@@ -124,15 +129,9 @@ class ArtifactRecord:
         )
 
 
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and folder under ``root`` so a rename that follows never exposes unwritten data."""
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for filename in filenames:
-            fd = os.open(os.path.join(dirpath, filename), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+def _fsync_folders(root: Path) -> None:
+    """Flush every folder under ``root`` (their entries), so a rename that follows exposes only flushed data."""
+    for dirpath, _dirnames, _filenames in os.walk(root):
         _fsync_dir(Path(dirpath))
 
 
@@ -186,11 +185,11 @@ class Staging:
             for stale in self.path.glob(f".{RECORD_FILE}.tmp-*"):
                 stale.unlink()
             relpaths = _list_files(self.path)
-            manifest = hash_files(self.path, relpaths)
+            manifest = hash_files(self.path, relpaths, fsync=True)
             created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
             versions_dir = self.store.root / "artifacts" / self.type / self.name
             versions_dir.mkdir(parents=True, exist_ok=True)
-            _fsync_tree(self.path)
+            _fsync_folders(self.path)
             while True:
                 version = self.store._next_version(self.type, self.name)
                 record = ArtifactRecord(

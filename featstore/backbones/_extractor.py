@@ -82,7 +82,7 @@ class FeatureExtractor(nn.Module):
             self.body.to(memory_format=torch.channels_last)
             self._channels_last = True
         with torch.inference_mode():
-            x = (frames.float() - self.mean) / self.std
+            x = frames.float().sub_(self.mean).div_(self.std)  # in place: no extra full-size buffers
             x = x.contiguous(memory_format=torch.channels_last)
             autocast: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
             if cuda and self.dtype in LOW_PRECISION:
