@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 
 from featstore.errors import StoreError
 from featstore.store import ArtifactRecord, Store
@@ -56,7 +57,7 @@ def _compressor(itemsize: int) -> BloscCodec:
 
 
 # Chunk files side by side ("c.0.0.0.0") rather than a folder per chunk: fewer inodes to create and flush.
-_FLAT_KEYS = {"name": "default", "separator": "."}
+_FLAT_KEYS = DefaultChunkKeyEncoding(separator=".")
 
 
 def features_path(layer: str, clip: str) -> str:
@@ -138,7 +139,7 @@ def to_storage(values: torch.Tensor) -> np.ndarray:
     return values.numpy()
 
 
-def open_group(path: Path, mode: str = "a") -> zarr.Group:
+def open_group(path: Path, mode: Literal["r", "a"] = "a") -> zarr.Group:
     return zarr.open_group(store=str(path), mode=mode, zarr_format=3)
 
 

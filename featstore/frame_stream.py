@@ -43,6 +43,12 @@ def _load_cpu(record: FrameRecord) -> torch.Tensor:
     return torch.from_numpy(read_frame(record.raw))
 
 
+def _read_annotation(record: FrameRecord) -> np.ndarray:
+    if record.annotation is None:
+        raise DatasetError(f"frame {record.raw} has no mask, but its dataset was read as annotated")
+    return read_mask(record.annotation)
+
+
 @dataclass
 class _Pending:
     records: list[FrameRecord]
@@ -83,7 +89,7 @@ class FrameStream:
     def _decode_batch(self, pool: ThreadPoolExecutor, batch: list[FrameRecord]) -> _Pending:
         loader = _read_bytes if self._gpu_decode else _load_cpu
         frames = [pool.submit(loader, r) for r in batch]
-        masks = [pool.submit(read_mask, r.annotation) for r in batch] if self.with_masks else []
+        masks = [pool.submit(_read_annotation, r) for r in batch] if self.with_masks else []
         return _Pending(batch, frames, masks)
 
     def _finish(self, pending: _Pending) -> list[FrameBatch]:

@@ -259,7 +259,7 @@ def featurize_clips(
                             group,
                             clip,
                             len(by_clip[clip]),
-                            {layer: tuple(v.shape[1:]) for layer, v in host.items()},  # type: ignore[misc]
+                            {layer: (v.shape[1], v.shape[2], v.shape[3]) for layer, v in host.items()},
                             dtype,
                             frame_size if with_masks else None,
                             _clip_attrs(by_clip[clip]),

@@ -153,9 +153,9 @@ def train_decoders(
     name = f"{artifact.record.name}.{'-'.join(dict.fromkeys(decoders))}"
     parents = [artifact.record.ref] + ([val_artifact.record.ref] if val_artifact else [])
     torch_device = resolve_device(device)
-    config = {"features": artifact.record.ref, "grid": grid, "epochs": epochs, "batch_size": batch_size,
+    run_config = {"features": artifact.record.ref, "grid": grid, "epochs": epochs, "batch_size": batch_size,
               "budget": budget, "device": str(torch_device), **split}
-    with WandbJob("train", config, enabled=wandb_requested(wandb), store=store) as job:
+    with WandbJob("train", run_config, enabled=wandb_requested(wandb), store=store) as job:
         for parent in parents:
             job.use(store.resolve(parent))
         cached = store.find("decoder", name, key)
@@ -192,7 +192,7 @@ def _commit(
 ) -> ArtifactRecord:
     decoder: Decoder = best.decoder.cpu().float()
     sizes = contest_feature_sizes(artifact)
-    nflops_head = decoder.nflops(sizes, tuple(CONTEST_FRAME[1:]))
+    nflops_head = decoder.nflops(sizes, (CONTEST_FRAME[1], CONTEST_FRAME[2]))
     nparams_head = decoder.nparams
     assert best.val is not None
     metadata = {
