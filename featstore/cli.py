@@ -102,6 +102,61 @@ def cmd_train(args: argparse.Namespace, store: Store) -> dict[str, Any]:
     return out
 
 
+def cmd_predict(args: argparse.Namespace, store: Store) -> dict[str, Any]:
+    from jobs.predict import predict_dataset
+
+    result = predict_dataset(
+        store,
+        args.decoder,
+        args.data,
+        out=args.out,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=_progress(args),
+        wandb=args.wandb,
+    )
+    out = result.to_json()
+    if not args.json:
+        source = f"stored features {result.features}" if result.features else "the backbone run on the frames"
+        _say(
+            f"result            {result.ref}{'  (cached: nothing computed)' if result.cached else ''}",
+            f"frames            {out['frames']} of dataset {out['dataset']}, from {source}",
+            f"nparams           {out['nparams']:,}",
+            f"out               {result.out}",
+        )
+    return out
+
+
+def cmd_compare(args: argparse.Namespace, store: Store) -> dict[str, Any]:
+    from jobs.compare import compare_backbones, row_label
+
+    result = compare_backbones(
+        store,
+        args.data,
+        args.backbones,
+        decoder=args.decoder,
+        weights=args.weights,
+        holdout_fraction=args.holdout_fraction,
+        seed=args.seed,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        budget=args.budget,
+        device=args.device,
+        out_dir=args.out,
+        progress=_progress(args),
+    )
+    if not args.json:
+        _say(
+            f"leaderboard of {result.dataset}: mean IoU on held-out clips {', '.join(result.val_clips) or '-'}",
+            result.leaderboard(),
+        )
+        for row in result.rows:
+            if row["error"]:
+                _say(f"{row_label(row)}: {row['error']}")
+        _say(f"csv               {result.csv}", f"plot              {result.plot}")
+    return result.to_json()
+
+
 def cmd_ls(args: argparse.Namespace, store: Store) -> dict[str, Any]:
     records = store.list(args.type)
     if not args.json:
@@ -244,6 +299,46 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--wandb", action="store_true", help="log the job to Weights & Biases (or FEATSTORE_WANDB=1)")
     _add_common(train)
     train.set_defaults(handler=cmd_train)
+
+    predict = sub.add_parser("predict", help="run a decoder on a dataset and write a contest result artifact")
+    predict.add_argument("--decoder", required=True, help="decoder artifact REF (see `featstore ls --type decoder`)")
+    predict.add_argument("--data", required=True, help="DAVIS folder, contest folder or paths.json; annotations optional")
+    predict.add_argument("--out", type=Path, default=None, help="also place a copy of the result folder here (must not exist or be empty)")
+    predict.add_argument("--batch-size", type=int, default=8)
+    predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    predict.add_argument("--wandb", action="store_true", help="log the job to Weights & Biases (or FEATSTORE_WANDB=1)")
+    _add_common(predict)
+    predict.set_defaults(handler=cmd_predict)
+
+    compare = sub.add_parser(
+        "compare",
+        help="build, train, predict and score several backbones on one clip split; print a leaderboard",
+        description=(
+            "For each backbone: build its features (or reuse them), train a decoder on the training clips, "
+            "predict the held-out clips into a contest result and score it. Prints a leaderboard and writes "
+            "compare.csv and compare.png (mean IoU against parameters, with the budget line). Everything is "
+            "cached: running it again computes nothing."
+        ),
+    )
+    compare.add_argument("--data", default=None, help="annotated DAVIS folder, contest folder or paths.json (default: demo dataset)")
+    compare.add_argument(
+        "--backbones",
+        type=_csv,
+        required=True,
+        help="comma-separated backbones, each NAME or NAME@WEIGHTS (imagenet, random or a state-dict FILE), "
+        "e.g. efficientnet_lite0,alexnet or tiny@random,timm:resnet18@random to compare without ImageNet weights",
+    )
+    compare.add_argument("--weights", default="imagenet", help="weights of entries without @WEIGHTS (default imagenet)")
+    compare.add_argument("--decoder", default=None, help="the head trained for every backbone: linear, conv, fpn, temporal (default: fpn)")
+    compare.add_argument("--epochs", type=int, default=10, help="training epochs of each head (default 10)")
+    compare.add_argument("--batch-size", type=int, default=8, help="frames per training step and per prediction batch")
+    compare.add_argument("--holdout-fraction", type=float, default=0.25, help="fraction of clips held out and scored (default 0.25)")
+    compare.add_argument("--seed", type=int, default=0, help="seed of the clip split, head initialisation and batches")
+    compare.add_argument("--budget", type=int, default=50_000_000, help="max parameters, backbone plus head; larger models are listed, not trained")
+    compare.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    compare.add_argument("--out", type=Path, default=None, help="folder for compare.csv and compare.png (default: <store>/compare/<dataset>/)")
+    _add_common(compare)
+    compare.set_defaults(handler=cmd_compare)
 
     ls = sub.add_parser("ls", help="list committed artifacts")
     ls.add_argument("--type", choices=["dataset", "features", "decoder", "result"], default=None)

@@ -1,0 +1,191 @@
+"""Comparing backbones end to end: build, train, predict and score each on one clip split; csv, plot, reuse."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from conftest import write_davis
+from PIL import Image
+
+from featstore.cli import main
+from featstore.datasets import load_dataset
+from featstore.errors import BackboneError, FeatstoreError
+from featstore.results import read_result_folder
+from featstore.store import Store
+from jobs.compare import COLUMNS, CompareResult, compare_backbones, pareto_front
+from jobs.evaluate import evaluate
+
+CLIPS = {"alpha": 4, "beta": 3, "gamma": 4, "delta": 3}
+SIZE = (48, 80)
+BACKBONES = ["tiny@random", "timm:resnet18@random"]
+FAST: dict[str, Any] = {"epochs": 1, "batch_size": 4, "device": "cpu", "progress": False}
+
+
+@dataclasses.dataclass
+class Compared:
+    store: Store
+    data: Path
+    result: CompareResult
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory: pytest.TempPathFactory) -> Compared:
+    root = tmp_path_factory.mktemp("compare")
+    data = write_davis(root / "clips", CLIPS, size=SIZE, seed=5)
+    store = Store(root / "store")
+    result = compare_backbones(store, data, BACKBONES, out_dir=root / "board", **FAST)
+    return Compared(store, data, result)
+
+
+def test_every_backbone_gets_a_scored_row(compared: Compared) -> None:
+    rows = compared.result.rows
+    assert {(r["backbone"], r["weights"]) for r in rows} == {("tiny", "random"), ("timm:resnet18", "random")}
+    assert [r["mean_iou"] for r in rows] == sorted((r["mean_iou"] for r in rows), reverse=True)
+    assert len(compared.result.val_clips) == 1  # a quarter of four clips
+    for row in rows:
+        assert row["within_budget"] and not row["error"] and row["decoder"] == "fpn"
+        assert row["nparams"] == row["nparams_backbone"] + row["nparams_head"] > 0
+        assert row["store_bytes"] > 0 and row["featurize_fps"] > 0 and row["train_seconds"] > 0
+        result = compared.store.resolve(row["result_ref"], type="result")
+        assert set(result.parents) >= {row["decoder_ref"], row["features_ref"]}
+        assert result.metadata["source"] == "features", "held-out clips are predicted from the stored features"
+        # The leaderboard's number is the contest score of the written result, and equals validation's.
+        held_out = load_dataset(compared.data).subset(compared.result.val_clips)
+        assert evaluate(compared.store.path(result), held_out, progress=False).mean_iou == row["mean_iou"]
+        assert row["mean_iou"] == pytest.approx(row["val_mean_iou"], abs=1e-12)
+    assert rows[-1]["nparams_backbone"] == 11_176_512 or rows[0]["nparams_backbone"] == 11_176_512  # resnet18 body
+
+
+def test_csv_and_plot_are_written(compared: Compared) -> None:
+    result = compared.result
+    table = pd.read_csv(result.csv)
+    assert list(table.columns) == list(COLUMNS)
+    assert list(table["backbone"]) == [r["backbone"] for r in result.rows]
+    assert table["mean_iou"].tolist() == pytest.approx([r["mean_iou"] for r in result.rows])
+    with Image.open(result.plot) as image:
+        assert image.format == "PNG" and image.size[0] >= 600 and image.size[1] >= 400
+        image.load()
+    assert not [p for p in result.csv.parent.iterdir() if p.name.startswith(".")], "no temporary file is left"
+    text = result.leaderboard()
+    assert "tiny@random" in text and "timm:resnet18@random" in text and "mean IoU" in text
+
+
+def test_a_second_run_computes_nothing(compared: Compared) -> None:
+    store = compared.store
+    before = store.list()
+    csv = compared.result.csv.read_text()
+    again = compare_backbones(store, compared.data, BACKBONES, out_dir=compared.result.csv.parent, **FAST)
+    assert store.list() == before
+    assert all(row["cached"] for row in again.rows)
+    assert [{k: v for k, v in r.items() if k != "cached"} for r in again.rows] == [
+        {k: v for k, v in r.items() if k != "cached"} for r in compared.result.rows]
+    assert again.csv.read_text() == csv
+
+
+def test_an_over_budget_backbone_is_a_row_not_an_abort(compared: Compared, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    budget = 1_000_000  # above tiny plus its head, far below resnet18's 11M
+    result = compare_backbones(compared.store, compared.data, BACKBONES, budget=budget, out_dir=tmp_path, **FAST)
+    by_name = {r["backbone"]: r for r in result.rows}
+    over, fine = by_name["timm:resnet18"], by_name["tiny"]
+    assert over["within_budget"] is False and over["mean_iou"] is None and over["decoder_ref"] is None
+    assert "over budget" in over["error"] and f"{over['nparams']:,}" in over["error"] and "1,000,000" in over["error"]
+    assert fine["within_budget"] and fine["mean_iou"] is not None
+    assert result.rows[-1] is over, "unscored rows sort last"
+    assert "over budget" in capsys.readouterr().err
+    table = pd.read_csv(result.csv)
+    assert math.isnan(table.loc[table["backbone"] == "timm:resnet18", "mean_iou"].item())
+
+
+def test_pareto_front_keeps_the_best_score_for_each_size() -> None:
+    rows: list[dict[str, Any]] = [
+        {"nparams": 10, "mean_iou": 0.5},
+        {"nparams": 20, "mean_iou": 0.4},  # bigger and worse: dominated
+        {"nparams": 30, "mean_iou": 0.7},
+        {"nparams": 30, "mean_iou": 0.6},  # same size, worse: dominated
+        {"nparams": 40, "mean_iou": None},  # not scored
+    ]
+    assert [(r["nparams"], r["mean_iou"]) for r in pareto_front(rows)] == [(10, 0.5), (30, 0.7)]
+
+
+def test_cli_compare_json_defaults_to_the_store_folder(compared: Compared,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["compare", "--data", str(compared.data), "--backbones", ",".join(BACKBONES), "--epochs", "1",
+            "--batch-size", "4", "--device", "cpu", "--store", str(compared.store.root), "--json", "--quiet"]
+    assert main(args) == 0
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"rows", "csv", "plot"} <= set(payload)
+    for row in payload["rows"]:
+        assert {"backbone", "decoder", "mean_iou", "nparams"} <= set(row)
+    assert [r["result_ref"] for r in payload["rows"]] == [r["result_ref"] for r in compared.result.rows]
+    assert [r["mean_iou"] for r in payload["rows"]] == [r["mean_iou"] for r in compared.result.rows]
+    board = compared.store.root / "compare" / "clips"
+    assert payload["csv"] == str(board / "compare.csv") and Path(payload["plot"]).is_file()
+
+    assert main([*args[:-2], "--quiet"]) == 0
+    shown = capsys.readouterr().out
+    assert "leaderboard of clips" in shown and str(board / "compare.png") in shown
+
+
+def test_bad_input_is_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = Store(tmp_path / "store")
+    data = write_davis(tmp_path / "clips", {"alpha": 2, "beta": 2}, size=SIZE)
+    with pytest.raises(BackboneError, match="nosuchnet"):
+        compare_backbones(store, data, ["tiny@random", "nosuchnet"], **FAST)
+    with pytest.raises(FeatstoreError, match="twice"):
+        compare_backbones(store, data, ["tiny@random", "tiny@random"], **FAST)
+    unannotated = write_davis(tmp_path / "test-set", {"alpha": 2, "beta": 2}, size=SIZE, masks=False)
+    with pytest.raises(FeatstoreError, match="needs annotations"):
+        compare_backbones(store, unannotated, ["tiny@random"], **FAST)
+    with pytest.raises(FeatstoreError, match=r"--holdout-fraction 0\.9"):
+        compare_backbones(store, data, ["tiny@random"], holdout_fraction=0.9, **FAST)
+    with pytest.raises(BackboneError, match="random"):  # tiny has no ImageNet weights: it says to use @random
+        compare_backbones(store, data, ["tiny"], **FAST)
+    assert store.list() == []
+
+    assert main(["compare", "--data", str(tmp_path / "nope"), "--backbones", "tiny@random",
+                 "--store", str(store.root)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(tmp_path / "nope") in err
+    assert store.list() == []
+
+
+@pytest.mark.slow
+def test_demo_dataset_is_the_default(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = tmp_path / "store"
+    assert main(["compare", "--backbones", "tiny@random", "--epochs", "1", "--device", "cpu", "--store", str(store),
+                 "--json", "--quiet"]) == 0
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert payload["dataset"] == "demo" and payload["csv"] == str(store / "compare" / "demo" / "compare.csv")
+    assert payload["rows"][0]["mean_iou"] is not None
+
+
+@pytest.mark.realdata
+def test_real_clips_end_to_end(tmp_path: Path, davis_dev: Path) -> None:
+    """Three real clips, two frames each, at 854x480: a random tiny backbone against offline ImageNet Lite0."""
+    subset = tmp_path / "three-clips"
+    clips = ("car-shadow", "cows", "motocross-jump")
+    for kind, ext in (("JPEGImages", "jpg"), ("Annotations", "png")):
+        for clip in clips:
+            (subset / kind / "480p" / clip).mkdir(parents=True)
+            for i in range(2):
+                name = f"{i:05d}.{ext}"
+                (subset / kind / "480p" / clip / name).symlink_to(davis_dev / kind / "480p" / clip / name)
+    store = Store(tmp_path / "store")
+    result = compare_backbones(store, subset, ["tiny@random", "efficientnet_lite0"], epochs=1, batch_size=2,
+                               device="cpu", progress=False)
+    assert {r["backbone"] for r in result.rows} == {"tiny", "efficientnet_lite0"}
+    for row in result.rows:
+        assert row["within_budget"] and 0.0 <= row["mean_iou"] <= 1.0
+    lite0 = next(r for r in result.rows if r["backbone"] == "efficientnet_lite0")
+    assert lite0["nparams_backbone"] == store.resolve(lite0["features_ref"]).metadata["nparams_backbone"]
+    outputs = read_result_folder(store.path(store.resolve(lite0["result_ref"]))).outputs
+    assert len(outputs) == 2 * len(result.val_clips)
+    with Image.open(next(iter(outputs.values()))) as image:
+        assert image.size == (854, 480) and image.mode == "L"
