@@ -1,0 +1,54 @@
+"""build, train and predict with --wandb: the offline W&B runs carry the same lineage as the local store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_wandb_sync import OfflineRun, _offline_environment, _run_folders
+
+from featstore.store import Store
+from jobs.featurize import build_features
+from jobs.predict import predict_dataset
+from jobs.train import train_decoders
+
+pytestmark = pytest.mark.wandb
+
+
+def test_jobs_mirror_their_lineage(tmp_path: Path, small_davis: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import wandb
+
+    _offline_environment(monkeypatch, tmp_path)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "runs"))
+    store = Store(tmp_path / "store")
+    runs: dict[str, OfflineRun] = {}
+
+    def newest_run(job: str) -> None:
+        wandb.teardown()  # flush the offline log before reading it
+        seen = {r.folder for r in runs.values()}
+        (folder,) = set(_run_folders(tmp_path / "runs")) - seen
+        runs[job] = OfflineRun.read(folder)
+
+    built = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False, wandb=True)
+    newest_run("featurize")
+    trained = train_decoders(store, built.ref, decoders=["linear"], epochs=1, device="cpu", progress=False,
+                             wandb=True)
+    newest_run("train")
+    predicted = predict_dataset(store, trained.ref, small_davis, device="cpu", progress=False, wandb=True)
+    newest_run("predict")
+
+    for job, run in runs.items():
+        assert run.run.job_type == job and run.exit_code == 0
+    dataset_ref = built.record.parents[0]
+    assert set(runs["featurize"].logged) == {built.record.name}
+    assert set(runs["featurize"].used) == {store.resolve(dataset_ref).name}
+    assert set(runs["train"].used) == {built.record.name}
+    assert set(runs["train"].logged) == {trained.record.name}
+    assert trained.record.name in runs["predict"].used
+    result = runs["predict"].logged[predicted.record.name]
+    assert result.type == "result"
+    assert '"nparams"' in result.metadata
+    logged_files = {entry.path for entry in result.manifest.contents}
+    assert {"paths.json", "metadata.json"} <= logged_files
+    assert sum(p.startswith("outputs/") for p in logged_files) == 12
+    assert all(parent.split(":")[0] in runs["predict"].used for parent in predicted.record.parents)
