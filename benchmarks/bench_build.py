@@ -92,7 +92,7 @@ def run_naive(paths: list[Path], backbone: str, device: torch.device, out: Path)
 
 def run_floor(paths: list[Path], backbone: str, device: torch.device, batch_size: int) -> float:
     extractor = create_backbone(backbone, weights="random", dtype=torch.float16).to(device).eval()
-    frames = [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths]
+    frames = [torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths]
     batches = [torch.stack(frames[i : i + batch_size]).to(device) for i in range(0, len(frames), batch_size)]
     extractor.extract(batches[0])
     sync(device)
