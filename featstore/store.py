@@ -181,8 +181,8 @@ class Staging:
         if self.committed is not None:
             return self.committed
         try:
-            # A commit killed while writing its record leaves that temporary file behind; it is not data.
-            for stale in self.path.glob(f".{RECORD_FILE}.tmp-*"):
+            # A run killed inside write_json_atomic leaves its temporary file behind; it is not data.
+            for stale in self.path.rglob(".*.tmp-*"):
                 stale.unlink()
             relpaths = _list_files(self.path)
             manifest = hash_files(self.path, relpaths, fsync=True)

@@ -356,6 +356,10 @@ def commit_build(
         raise FeatstoreError(f"cannot commit {plan.name}: clips {', '.join(missing[:5])} are not finished")
     first = json.loads((scratch / DONE_DIR / f"{sorted(done)[0]}.json").read_text())
     shapes = {layer: shape[1:] for layer, shape in first["shapes"].items()}
+    # zarr writes each file through a "<name>.<uuid>.partial" sibling; a run killed mid-write leaves one
+    # behind (group metadata is rewritten whenever an array is created), and it is no part of the artifact.
+    for stale in (staging.path / GROUP_DIR).rglob("*.partial"):
+        stale.unlink()
     nbytes = sum(p.stat().st_size for p in (staging.path / GROUP_DIR).rglob("*") if p.is_file())
     frame = plan.dataset.frames[0]
     frame_size = _frame_size(frame)
