@@ -40,6 +40,9 @@ from featstore.store import (
 from featstore.wandb_sync import WandbJob, wandb_requested
 
 DONE_DIR = "done"
+# Part of every feature content key: bump it when a change to the extraction path changes the numbers
+# it produces (memory layout, normalisation, precision), so features cached by older code are rebuilt.
+EXTRACTION_VERSION = 2
 
 
 def resolve_device(device: str) -> torch.device:
@@ -134,6 +137,7 @@ def prepare_build(
             "layers": list(extractor.layers),
             "preprocessing": preprocessing,
             "dtype": dtype,
+            "extraction": EXTRACTION_VERSION,
         }
     )
     plan = BuildPlan(
@@ -373,6 +377,7 @@ def commit_build(
         "strides": {layer: int(plan.spec["strides"][layer]) for layer in plan.layers},
         "dtype": plan.dtype,
         "preprocessing": plan.preprocessing,
+        "extraction": EXTRACTION_VERSION,
         "nparams_backbone": plan.nparams_backbone,
         "nflops_backbone": nflops,
         "dataset": {

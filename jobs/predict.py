@@ -46,7 +46,7 @@ DATASET_TABLE = "frames.json"  # written by jobs.featurize.commit_dataset
 SOURCE_FEATURES = "features"
 SOURCE_BACKBONE = "backbone"
 # What must agree between a feature artifact and a decoder for the features to be the decoder's inputs.
-_FEATURE_IDENTITY = ("weights_digest", "layers", "dtype", "preprocessing")
+_FEATURE_IDENTITY = ("weights_digest", "layers", "dtype", "preprocessing", "extraction")
 
 
 @dataclass(frozen=True)

@@ -201,6 +201,7 @@ def _commit(
         "layers": list(artifact.layers),
         "dtype": artifact.metadata["dtype"],
         "preprocessing": artifact.metadata.get("preprocessing"),
+        "extraction": artifact.metadata.get("extraction"),
         "weights_digest": artifact.metadata.get("weights_digest"),
         "decoder": decoder.spec(),
         "head": best.config.to_dict(),

@@ -170,3 +170,11 @@ def test_real_clips_with_offline_lite0(tmp_path: Path, davis_dev: Path) -> None:
     assert values.shape[0] == 5 and values.shape[2:] == (15, 27)
     assert torch.isfinite(values.float()).all() and values.float().std() > 0
     assert features.read_masks("motocross-jump").float().mean() > 0.01
+
+
+def test_a_new_extraction_version_rebuilds(tmp_path: Path, small_davis: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(tmp_path / "store")
+    first = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
+    monkeypatch.setattr("jobs.featurize.EXTRACTION_VERSION", first.record.metadata["extraction"] + 1)
+    second = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
+    assert not second.cached and second.record.key != first.record.key
