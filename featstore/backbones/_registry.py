@@ -101,6 +101,6 @@ def _unknown_message(name: str) -> str:
     close = difflib.get_close_matches(name, candidates, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     return (
-        f"unknown backbone {name!r}.{hint} Valid names: list_backbones() (registered and torchvision models), "
-        f"'timm:<name>' for any name in timm.list_models(); e.g. {', '.join(sorted(_REGISTERED)[:5])}."
+        f"unknown backbone {name!r}.{hint} Use one of {', '.join(sorted(_REGISTERED))}, a torchvision "
+        "classification model by name (e.g. resnet18), or timm:<name> for any timm model (e.g. timm:resnet18)."
     )
