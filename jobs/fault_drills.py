@@ -72,7 +72,9 @@ FULL = DrillScale(clips=8, frames=30, size=(240, 320))
 DASK_FULL = DrillScale(clips=4, frames=48, size=(240, 320))
 
 
-def write_davis_dataset(root: Path, clips: Mapping[str, int], size: tuple[int, int], *, seed: int = 0) -> Path:
+def write_davis_dataset(
+    root: Path, clips: Mapping[str, int], size: tuple[int, int], *, seed: int = 0, masks: bool = True
+) -> Path:
     """A DAVIS-layout dataset of real JPEG frames and 0/255 PNG masks (a bright square moving on noise).
 
     Written into a temporary sibling and renamed, so a folder that exists is always complete.
@@ -87,7 +89,8 @@ def write_davis_dataset(root: Path, clips: Mapping[str, int], size: tuple[int, i
         frames_dir = tmp / "JPEGImages" / "480p" / clip
         masks_dir = tmp / "Annotations" / "480p" / clip
         frames_dir.mkdir(parents=True)
-        masks_dir.mkdir(parents=True)
+        if masks:
+            masks_dir.mkdir(parents=True)
         for i in range(n):
             frame = rng.integers(0, 120, size=(height, width, 3), dtype=np.uint8)
             mask = np.zeros((height, width), dtype=np.uint8)
@@ -95,7 +98,8 @@ def write_davis_dataset(root: Path, clips: Mapping[str, int], size: tuple[int, i
             mask[top : top + height // 3, left : left + width // 3] = 255
             frame[mask > 0] = (220, 200, 40)
             Image.fromarray(frame).save(frames_dir / f"{i:05d}.jpg", quality=90)
-            Image.fromarray(mask, mode="L").save(masks_dir / f"{i:05d}.png")
+            if masks:
+                Image.fromarray(mask, mode="L").save(masks_dir / f"{i:05d}.png")
     os.rename(tmp, root)
     return root
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+
+from jobs.fault_drills import write_davis_dataset
 
 DAVIS_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "davis2016-dev"
 
@@ -36,22 +36,7 @@ def davis_dev() -> Path:
 def write_davis(root: Path, clips: dict[str, int], size: tuple[int, int] = (64, 96), *, masks: bool = True,
                 seed: int = 0) -> Path:
     """Write a DAVIS-layout dataset of real JPEG frames and 0/255 PNG masks: a bright square on noise."""
-    rng = np.random.default_rng(seed)
-    height, width = size
-    for clip, n in clips.items():
-        (root / "JPEGImages" / "480p" / clip).mkdir(parents=True, exist_ok=True)
-        if masks:
-            (root / "Annotations" / "480p" / clip).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            frame = rng.integers(0, 120, size=(height, width, 3), dtype=np.uint8)
-            mask = np.zeros((height, width), dtype=np.uint8)
-            top, left = (i * 3) % (height // 2), (i * 5) % (width // 2)
-            mask[top : top + height // 3, left : left + width // 3] = 255
-            frame[mask > 0] = (220, 200, 40)
-            Image.fromarray(frame).save(root / "JPEGImages" / "480p" / clip / f"{i:05d}.jpg", quality=90)
-            if masks:
-                Image.fromarray(mask, mode="L").save(root / "Annotations" / "480p" / clip / f"{i:05d}.png")
-    return root
+    return write_davis_dataset(root, clips, size, seed=seed, masks=masks)
 
 
 @pytest.fixture
