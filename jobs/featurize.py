@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from featstore.accounting import CONTEST_FRAME, count_flops
@@ -397,8 +398,6 @@ def commit_build(
 
 
 def _frame_size(record: FrameRecord) -> tuple[int, int]:
-    from PIL import Image
-
     with Image.open(record.raw) as image:
         width, height = image.size
     return height, width
