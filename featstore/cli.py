@@ -33,7 +33,7 @@ def _say(*lines: str) -> None:
 
 
 def _progress(args: argparse.Namespace) -> bool:
-    return not getattr(args, "quiet", False)
+    return not args.quiet
 
 
 def cmd_build(args: argparse.Namespace, store: Store) -> dict[str, Any]:

@@ -286,13 +286,6 @@ class Store:
                 return record
         return None
 
-    def find_key(self, type: str, key: str) -> ArtifactRecord | None:
-        """The committed artifact of this type with this content key, whatever its name."""
-        for record in self.list(type):
-            if record.key == key:
-                return record
-        return None
-
     def resolve(self, ref: str, type: str | None = None) -> ArtifactRecord:
         """Turn ``name:vN``, ``name:latest`` or ``name`` (= latest) into a committed record."""
         match = _REF_RE.match(ref.strip())

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,7 +223,6 @@ def featurize_clips(
     dtype: str,
     batch_size: int,
     progress: bool = True,
-    on_frames: Callable[[int], None] | None = None,
 ) -> int:
     """Compute and write the arrays of ``clips``; mark each clip done once all its chunks are on disk.
 
@@ -282,8 +281,6 @@ def featurize_clips(
                 if state.written == state.arrays.n_frames:
                     mark_done(clip)
             bar.update(len(batch.records))
-            if on_frames is not None:
-                on_frames(len(batch.records))
         for future in in_flight:
             future.result()
     bar.close()
