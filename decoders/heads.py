@@ -1,7 +1,8 @@
 """Segmentation heads over stored backbone features: per-layer feature maps in, full-resolution logits out.
 
 Every head maps ``features[layer]`` (``(N, C, h, w)``, or ``(N, T, C, h, w)`` for temporal heads, which see
-the frames at offsets ``-k..+k`` of the same clip) to logits ``(N, 1, H, W)`` at the frame's resolution.
+the frames at offsets ``-k..+k`` of the same clip) to logits at its finest stride (``coarse_logits``); the
+base class resizes those bilinearly to ``(N, 1, H, W)`` at the frame's resolution.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from decoders._registry import register_decoder
+from decoders.upsampling import resize_bilinear
 from featstore.errors import FeatstoreError
 
 NORMS = ("group", "batch", "none")
@@ -110,12 +112,16 @@ class Decoder(nn.Module):
             out[layer] = torch.zeros((batch, *window, self.channels[layer], h, w), device=device)
         return out
 
-    def nflops(self, feature_sizes: dict[str, tuple[int, int]], out_size: tuple[int, int]) -> int:
-        """FLOPs of one frame's forward, counted by ``torch.utils.flop_counter`` via featstore.accounting."""
+    def nflops(self, feature_sizes: dict[str, tuple[int, int]]) -> int:
+        """FLOPs of one frame's ``coarse_logits``, counted by ``torch.utils.flop_counter``.
+
+        The closing resize to the frame is left out: it has no weights, and its count would describe how
+        it is computed (two matmuls here, four taps in ``F.interpolate``), not the head.
+        """
         from featstore.accounting import count_flops
 
         with torch.no_grad():
-            return int(count_flops(self, self.example_features(feature_sizes), tuple(out_size)))
+            return int(count_flops(self.coarse_logits, self.example_features(feature_sizes)))
 
     def inputs(self, features: dict[str, Tensor]) -> list[Tensor]:
         """This head's layers, finest first, as the dtype of its weights unless autocast picks one."""
@@ -140,9 +146,13 @@ class Decoder(nn.Module):
             out.append(x)
         return out
 
-    @staticmethod
-    def upsample(logits: Tensor, out_size: tuple[int, int]) -> Tensor:
-        return F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
+    def coarse_logits(self, features: dict[str, Tensor]) -> Tensor:
+        """``(N, 1, h, w)`` logits at the head's own resolution; every head defines this."""
+        raise NotImplementedError
+
+    def forward(self, features: dict[str, Tensor], out_size: tuple[int, int]) -> Tensor:
+        """``(N, 1, H, W)`` float32 logits at ``out_size``, bilinearly resized from ``coarse_logits``."""
+        return resize_bilinear(self.coarse_logits(features), out_size)
 
 
 @register_decoder("linear")
@@ -157,9 +167,9 @@ class LinearHead(Decoder):
         self.config["layers"] = list(self.layers)
         self.classifier = nn.Conv2d(self.channels[self.layers[0]], 1, 1)
 
-    def forward(self, features: dict[str, Tensor], out_size: tuple[int, int]) -> Tensor:
+    def coarse_logits(self, features: dict[str, Tensor]) -> Tensor:
         (x,) = self.inputs(features)
-        return self.upsample(self.classifier(x), out_size)
+        return self.classifier(x)
 
 
 @register_decoder("conv")
@@ -182,9 +192,9 @@ class ConvHead(Decoder):
             nn.Conv2d(hidden, 1, 1),
         )
 
-    def forward(self, features: dict[str, Tensor], out_size: tuple[int, int]) -> Tensor:
+    def coarse_logits(self, features: dict[str, Tensor]) -> Tensor:
         (x,) = self.inputs(features)
-        return self.upsample(self.body(x), out_size)
+        return self.body(x)
 
 
 class TopDown(nn.Module):
@@ -233,9 +243,9 @@ class FPNHead(Decoder):
         )
         self.top_down = TopDown(len(self.layers), width, norm, context)
 
-    def forward(self, features: dict[str, Tensor], out_size: tuple[int, int]) -> Tensor:
+    def coarse_logits(self, features: dict[str, Tensor]) -> Tensor:
         laterals = [lateral(x) for lateral, x in zip(self.lateral, self.inputs(features), strict=True)]
-        return self.upsample(self.top_down(laterals), out_size)
+        return self.top_down(laterals)
 
 
 @register_decoder("temporal")
@@ -274,7 +284,7 @@ class TemporalFPNHead(Decoder):
         )
         self.top_down = TopDown(len(self.layers), width, norm, context)
 
-    def forward(self, features: dict[str, Tensor], out_size: tuple[int, int]) -> Tensor:
+    def coarse_logits(self, features: dict[str, Tensor]) -> Tensor:
         laterals = []
         steps = 2 * self.temporal_window + 1
         for lateral, fuse, x in zip(self.lateral, self.fuse, self.inputs(features), strict=True):
@@ -285,4 +295,4 @@ class TemporalFPNHead(Decoder):
                 )
             per_frame = lateral(x.reshape(n * t, c, h, w))
             laterals.append(fuse(per_frame.reshape(n, t * per_frame.shape[1], h, w)))
-        return self.upsample(self.top_down(laterals), out_size)
+        return self.top_down(laterals)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -49,8 +50,8 @@ def count_executed_parameters(module: nn.Module, *inputs: Any) -> int:
     return sum(p.numel() for p in _unique(owned))
 
 
-def count_flops(module: nn.Module, *inputs: Any) -> int:
-    """FLOPs of ``module(*inputs)`` as counted by ``torch.utils.flop_counter`` (a multiply-add is 2 FLOPs)."""
+def count_flops(module: Callable[..., Any], *inputs: Any) -> int:
+    """FLOPs of ``module(*inputs)`` (a module or a method of one) as counted by ``torch.utils.flop_counter`` (a multiply-add is 2 FLOPs)."""
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         module(*inputs)

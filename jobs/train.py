@@ -192,7 +192,7 @@ def _commit(
 ) -> ArtifactRecord:
     decoder: Decoder = best.decoder.cpu().float()
     sizes = contest_feature_sizes(artifact)
-    nflops_head = decoder.nflops(sizes, (CONTEST_FRAME[1], CONTEST_FRAME[2]))
+    nflops_head = decoder.nflops(sizes)
     nparams_head = decoder.nparams
     assert best.val is not None
     metadata = {

@@ -78,14 +78,14 @@ def test_nparams_counts_every_parameter(name: str) -> None:
 def test_linear_head_flops_match_a_recount() -> None:
     head = create_decoder("linear", CHANNELS, STRIDES)
     h, w = SIZES["stage5"]
-    assert head.nflops(SIZES, FRAME) == 2 * CHANNELS["stage5"] * h * w
+    assert head.nflops(SIZES) == 2 * CHANNELS["stage5"] * h * w
 
 
 @pytest.mark.parametrize("name", list_decoders())
 def test_flops_are_counted(name: str) -> None:
     head = create_decoder(name, CHANNELS, STRIDES)
     linear = create_decoder("linear", CHANNELS, STRIDES)
-    assert head.nflops(SIZES, FRAME) >= linear.nflops(SIZES, FRAME) > 0
+    assert head.nflops(SIZES) >= linear.nflops(SIZES) > 0
 
 
 def _input_gradients(head: Decoder) -> dict[str, float]:
