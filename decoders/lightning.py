@@ -8,6 +8,7 @@ device, so no step copies features from the host.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from decoders.device_data import DeviceFeatures
+from decoders.host_allocator import reuse_freed_memory
 from decoders.training import (
     HeadConfig,
     build_head,
@@ -166,6 +168,16 @@ class HeadModule(pl.LightningModule):
         )
         self._val_terms: list[tuple[Tensor, Tensor, Tensor]] = []
         self.val_scores: Scores | None = None
+        self._host_memory = ExitStack()
+
+    def setup(self, stage: str) -> None:
+        """Fitting on the CPU keeps freed host memory mapped, as ``train_heads`` does."""
+        if stage == "fit":
+            on_cpu = self.trainer.strategy.root_device.type == "cpu"
+            self._host_memory.enter_context(reuse_freed_memory(on_cpu))
+
+    def teardown(self, stage: str) -> None:
+        self._host_memory.close()
 
     @classmethod
     def for_features(cls, config: HeadConfig, data: DeviceFeatures, *, seed: int = 0) -> HeadModule:

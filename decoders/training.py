@@ -20,13 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from decoders._registry import create_decoder, get_decoder_class
 from decoders.device_data import DeviceFeatures
 from decoders.heads import DEFAULT_DECODER, Decoder
+from decoders.host_allocator import reuse_freed_memory
+from decoders.losses import segmentation_loss
 from featstore.errors import FeatstoreError
 from featstore.metrics import ContestScore, Scores, iou_terms
 
@@ -120,18 +121,6 @@ class TrainedHead:
         }
 
 
-def segmentation_loss(logits: Tensor, masks: Tensor) -> Tensor:
-    """BCE-with-logits plus soft Dice, both at full resolution; ``logits`` (N,1,H,W), ``masks`` (N,H,W)."""
-    logits = logits.float().squeeze(1)
-    target = masks.float()
-    bce = F.binary_cross_entropy_with_logits(logits, target)
-    prob = torch.sigmoid(logits)
-    overlap = (prob * target).sum(dim=(1, 2))
-    total = prob.sum(dim=(1, 2)) + target.sum(dim=(1, 2))
-    dice = 1.0 - (2.0 * overlap + 1.0) / (total + 1.0)
-    return bce + dice.mean()
-
-
 def autocast_for(device: torch.device) -> AbstractContextManager[Any]:
     """bf16 autocast for the heads on CUDA; plain float32 on the CPU."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -176,10 +165,48 @@ def recalibrate_batchnorm(head: Decoder, data: DeviceFeatures, *, batch_size: in
     head.train()
     for index in data.batches(batch_size, shuffle=False):
         with autocast_for(data.device):
-            head(data.gather(index, head.temporal_window), data.frame_size)
+            head.coarse_logits(data.gather(index, head.temporal_window))  # the resize has no statistics
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
     head.train(was_training)
+
+
+class HeadClock:
+    """Time spent in each head's steps, without stalling the GPU.
+
+    Synchronizing after every head step would keep the host from queueing the next head's kernels while
+    the GPU runs this one; on CUDA each step is bracketed by events instead, read once at the end.
+    """
+
+    def __init__(self, heads: int, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.totals = [0.0] * heads
+        self.started = [0.0] * heads
+        self.events: list[list[tuple[Any, Any]]] = [[] for _ in range(heads)]
+
+    def start(self, head: int) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.events[head].append((event, None))
+        else:
+            self.started[head] = time.perf_counter()
+
+    def stop(self, head: int) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.events[head][-1] = (self.events[head][-1][0], event)
+        else:
+            self.totals[head] += time.perf_counter() - self.started[head]
+
+    def seconds(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            for head, pairs in enumerate(self.events):
+                self.totals[head] += sum(begin.elapsed_time(end) for begin, end in pairs) / 1000.0
+                pairs.clear()
+        return list(self.totals)
 
 
 def build_head(config: HeadConfig, channels: dict[str, int], strides: dict[str, int], seed: int) -> Decoder:
@@ -200,6 +227,22 @@ def train_heads(
     progress: bool = True,
 ) -> list[TrainedHead]:
     """Train one head per config over the same seeded batches; score each on ``val`` when given."""
+    with reuse_freed_memory(train.device.type == "cpu"):
+        return _train_heads(
+            train, val, configs, epochs=epochs, batch_size=batch_size, seed=seed, progress=progress
+        )
+
+
+def _train_heads(
+    train: DeviceFeatures,
+    val: DeviceFeatures | None,
+    configs: Sequence[HeadConfig],
+    *,
+    epochs: int = 10,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[TrainedHead]:
     if not configs:
         raise FeatstoreError("train_heads needs at least one head config")
     if epochs < 1:
@@ -222,7 +265,7 @@ def train_heads(
     ]
     gathered = max(head.temporal_window for head in heads)
     generator = torch.Generator(device=device).manual_seed(seed)
-    seconds = [0.0] * len(heads)
+    clock = HeadClock(len(heads), device)
     losses = [torch.zeros((), device=device) for _ in heads]
     frames = 0
     for head in heads:
@@ -233,10 +276,10 @@ def train_heads(
     for _epoch in range(epochs):
         for index in train.batches(batch_size, generator):
             features = train.gather(index, gathered)
-            masks = train.mask(index)
+            masks = train.mask(index).float()  # converted once for every head's loss
             frames += int(index.shape[0])
             for i, (head, optimizer, scheduler) in enumerate(zip(heads, optimizers, schedulers, strict=True)):
-                started = time.perf_counter()
+                clock.start(i)
                 with autocast_for(device):
                     logits = head(window_view(features, gathered, head.temporal_window), train.frame_size)
                 loss = segmentation_loss(logits, masks)
@@ -245,15 +288,13 @@ def train_heads(
                 optimizer.step()
                 scheduler.step()
                 losses[i] = loss.detach()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                seconds[i] += time.perf_counter() - started
+                clock.stop(i)
             bar.update(1)
             if progress and bar.n % 10 == 0:
                 bar.set_postfix(loss=f"{min(float(x) for x in losses):.3f}")
     bar.close()
     results = []
-    for config, head, elapsed, loss in zip(configs, heads, seconds, losses, strict=True):
+    for config, head, elapsed, loss in zip(configs, heads, clock.seconds(), losses, strict=True):
         recalibrate_batchnorm(head, train, batch_size=batch_size)
         head.eval()
         scores = evaluate(head, val, batch_size=batch_size) if val is not None else None

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import pytorch_lightning as pl
 import torch
 from synthetic_features import synthetic_features
 
-from decoders import HeadConfig, evaluate
+from decoders import HeadConfig, evaluate, host_allocator
 from decoders.lightning import FeatureDataModule, HeadModule
 from featstore.errors import FeatstoreError
 
@@ -30,9 +32,19 @@ def test_trainer_runs_end_to_end_and_logs_val_iou() -> None:
     data = FeatureDataModule(train=train, val=val, batch_size=4, seed=0)
     module = HeadModule.for_features(HeadConfig("fpn", lr=3e-3, options={"width": 16}), train, seed=0)
     trainer = _trainer()
+    allocator_during_fit: list[bool] = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_start(self, *args: object) -> None:
+            allocator_during_fit.append(host_allocator.is_active())
+
+    trainer.callbacks.append(Watch())
     trainer.fit(module, datamodule=data)
     assert trainer.state.finished
     assert trainer.global_step == 6
+    expect_applied = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert allocator_during_fit == [expect_applied] * 6, "CPU fitting keeps freed host memory mapped"
+    assert not host_allocator.is_active(), "and gives it back when fitting ends"
     assert "val_iou" in trainer.callback_metrics and "train_loss" in trainer.callback_metrics
     val_iou = float(trainer.callback_metrics["val_iou"])
     assert 0.0 <= val_iou <= 1.0

@@ -262,5 +262,7 @@ def test_training_on_cuda_keeps_features_on_the_device() -> None:
     train = synthetic_features({f"t{i}": 10 for i in range(6)}, seed=3, device="cuda")
     val = synthetic_features({"v": 10}, seed=4, device="cuda")
     assert all(v.is_cuda for v in train.features.values())
-    (head,) = train_heads(train, val, [HeadConfig(DEFAULT_DECODER, lr=3e-3)], epochs=8, progress=False)
+    configs = [HeadConfig(DEFAULT_DECODER, lr=3e-3), HeadConfig("linear", lr=1e-2)]
+    head, linear = train_heads(train, val, configs, epochs=8, progress=False)
     assert head.val is not None and head.val.mean_iou > 0.8
+    assert head.train_seconds > linear.train_seconds > 0, "CUDA events time each head's own steps"

@@ -1,0 +1,62 @@
+"""The fused BCE + Dice loss equals the op-by-op definition, per head, in value and gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from decoders.losses import reference_segmentation_loss, segmentation_loss, segmentation_losses
+from featstore.errors import FeatstoreError
+
+
+def _case(scale: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, 1, 12, 17, generator=generator, dtype=torch.float64) * scale
+    masks = (torch.rand(3, 12, 17, generator=generator) > 0.6).to(torch.uint8)
+    masks[1] = 0  # a frame without the object: Dice's smoothing term carries it
+    return logits, masks
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0, 60.0])
+def test_fused_loss_matches_reference_value_and_gradient(scale: float) -> None:
+    logits, masks = _case(scale)
+    ref_in = logits.clone().requires_grad_()
+    expected = reference_segmentation_loss(ref_in, masks)
+    expected.backward()
+    got_in = logits.float().requires_grad_()
+    got = segmentation_loss(got_in, masks)
+    got.backward()
+    assert torch.isfinite(got) and got_in.grad is not None and ref_in.grad is not None
+    torch.testing.assert_close(got.double(), expected.float().double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_in.grad.double(), ref_in.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_heads_get_their_own_loss_and_gradient() -> None:
+    heads = [_case(s, seed)[0].float() for s, seed in ((1.0, 1), (4.0, 2), (0.5, 3))]
+    _, masks = _case(1.0)
+    stacked = torch.stack(heads).requires_grad_()
+    losses = segmentation_losses(stacked, masks)
+    (losses * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert stacked.grad is not None
+    for k, logits in enumerate(heads):
+        alone = logits.clone().requires_grad_()
+        loss = segmentation_loss(alone, masks)
+        (loss * (k + 1)).backward()
+        assert alone.grad is not None
+        torch.testing.assert_close(losses[k], loss)
+        torch.testing.assert_close(stacked.grad[k], alone.grad)
+
+
+def test_a_perfect_prediction_scores_near_zero_and_the_opposite_high() -> None:
+    _, masks = _case(1.0)
+    right = (masks.float() * 2 - 1).unsqueeze(1) * 20
+    assert float(segmentation_loss(right, masks)) < 0.05
+    assert float(segmentation_loss(-right, masks)) > 1.5
+
+
+def test_mismatched_shapes_are_refused() -> None:
+    logits, masks = _case(1.0)
+    with pytest.raises(FeatstoreError, match=r"logits \(K, N, 1, H, W\)"):
+        segmentation_losses(logits, masks)
+    with pytest.raises(FeatstoreError, match="matching masks"):
+        segmentation_loss(logits, masks[:, :5])
