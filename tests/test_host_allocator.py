@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import resource
+import subprocess
+import sys
 
 import pytest
-import torch
 
+from decoders.host_allocator import is_active, reuse_freed_memory
+
+# Run in a fresh interpreter, as a training process is: in this one, earlier tests may have forked
+# helper processes, and copy-on-write then faults in written pages whatever the allocator does.
+PROBE = """
+import json, resource, torch
 from decoders.host_allocator import is_active, reuse_freed_memory
 
 BLOCK = 64 * 2**20  # above glibc's largest mmap threshold (32 MB)
 
-
-def _faults_of_second_allocation() -> int:
+def faults_of_second_allocation():
     first = torch.ones(BLOCK // 4)
     del first
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -22,27 +29,36 @@ def _faults_of_second_allocation() -> int:
     del second
     return faults
 
+outside = faults_of_second_allocation()
+with reuse_freed_memory() as applied:
+    with reuse_freed_memory() as nested:
+        pass
+    still_active = is_active()
+    faults_of_second_allocation()
+    inside = faults_of_second_allocation()
+after = faults_of_second_allocation()
+print(json.dumps({"outside": outside, "inside": inside, "after": after, "applied": applied,
+                  "nested": nested, "still_active": still_active, "active_after": is_active()}))
+"""
+
 
 @pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
     reason="the setting is glibc's mallopt; elsewhere reuse_freed_memory is a no-op",
 )
 def test_freed_blocks_stay_mapped_inside_and_are_returned_after() -> None:
-    pages = BLOCK // resource.getpagesize()
-    outside = _faults_of_second_allocation()
-    with reuse_freed_memory() as applied:
-        assert applied and is_active()
-        with reuse_freed_memory() as nested:  # nesting keeps the setting until the outer block ends
-            assert nested
-        _faults_of_second_allocation()  # the first big block now comes from the heap
-        inside = _faults_of_second_allocation()
-    after = _faults_of_second_allocation()
-    assert not is_active()
-    assert outside > pages // 2, "glibc maps a 64 MB block afresh each time by default"
-    assert inside < pages // 10
-    assert after > pages // 2, "the default is restored when the block ends"
+    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    pages = 64 * 2**20 // resource.getpagesize()
+    assert probe["applied"] and probe["nested"]
+    assert probe["still_active"], "a nested block keeps the setting until the outer one ends"
+    assert not probe["active_after"]
+    assert probe["outside"] > pages // 2, "glibc maps a 64 MB block afresh each time by default"
+    assert probe["inside"] < pages // 10
+    assert probe["after"] > pages // 2, "the default is restored when the block ends"
 
 
 def test_disabled_is_a_no_op() -> None:
     with reuse_freed_memory(enabled=False) as applied:
-        assert not applied
+        assert not applied and not is_active()
