@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 class DeviceFeatures:
-    """Per-layer ``(N, C, h, w)`` features in their stored dtype, ``(N, H, W)`` uint8 masks, clip bookkeeping."""
+    """Per-layer ``(N, C, h, w)`` channels-last features in their stored dtype, ``(N, H, W)`` uint8 masks, clip bookkeeping."""
 
     def __init__(
         self,
@@ -50,7 +50,11 @@ class DeviceFeatures:
             raise FeatstoreError(
                 f"masks must be uint8 ({total}, {frame_size[0]}, {frame_size[1]}), got {masks.dtype} {tuple(masks.shape)}"
             )
-        self.features = dict(features)
+        # Channels-last: oneDNN and cuDNN run the heads' convolutions without transposing each batch,
+        # and selecting frames keeps the layout.
+        self.features = {
+            layer: values.contiguous(memory_format=torch.channels_last) for layer, values in features.items()
+        }
         self.masks = masks.to(self.device) if masks is not None else None
         self.clips = tuple(clips)
         self.clip_lengths = tuple(int(n) for n in clip_lengths)
@@ -170,7 +174,10 @@ class DeviceFeatures:
                 values = artifact.read(clip, layer)
                 if layer not in stacked:
                     stacked[layer] = torch.empty(
-                        (total, *values.shape[1:]), dtype=values.dtype, device=device
+                        (total, *values.shape[1:]),
+                        dtype=values.dtype,
+                        device=device,
+                        memory_format=torch.channels_last,
                     )
                 _copy_into(stacked[layer], start, values, f"layer {layer!r} of clip {clip!r}")
             if masks is not None:
@@ -258,7 +265,12 @@ def _concat(layer: str, per_clip: list[Tensor], clips: list[str], device: torch.
                 f"layer {layer!r} of clip {clip!r} must be (frames, C, h, w), got {tuple(values.shape)}"
             )
     total = sum(int(v.shape[0]) for v in per_clip)
-    out = torch.empty((total, *per_clip[0].shape[1:]), dtype=per_clip[0].dtype, device=device)
+    out = torch.empty(
+        (total, *per_clip[0].shape[1:]),
+        dtype=per_clip[0].dtype,
+        device=device,
+        memory_format=torch.channels_last,
+    )
     start = 0
     for clip, values in zip(clips, per_clip, strict=True):
         _copy_into(out, start, values, f"layer {layer!r} of clip {clip!r}")

@@ -251,6 +251,8 @@ def _train_heads(
         raise FeatstoreError("the training features have no masks: build them from an annotated dataset")
     device = train.device
     heads = [build_head(config, train.channels, train.strides, seed).to(device) for config in configs]
+    for head in heads:
+        head.to(memory_format=torch.channels_last)  # the layout DeviceFeatures holds
     optimizers = [
         torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         for head, config in zip(heads, configs, strict=True)

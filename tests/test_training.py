@@ -62,6 +62,17 @@ def test_gather_selects_frames_and_neighbours_on_the_device() -> None:
     assert window[:, :, 0, 0, 0].tolist() == [[1.0, 2.0, 2.0], [3.0, 3.0, 4.0]]
 
 
+def test_features_are_held_and_gathered_channels_last() -> None:
+    data = synthetic_features({"a": 4, "b": 3})
+    channels_last = torch.channels_last
+    assert all(v.is_contiguous(memory_format=channels_last) for v in data.features.values())
+    batch = data.gather(torch.tensor([5, 0, 2]))
+    assert all(v.is_contiguous(memory_format=channels_last) for v in batch.values())
+    part = data.subset(["b"])
+    assert all(v.is_contiguous(memory_format=channels_last) for v in part.features.values())
+    torch.testing.assert_close(part.features["fine"], data.features["fine"][4:])
+
+
 def test_features_keep_their_stored_dtype() -> None:
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         data = synthetic_features({"a": 2, "b": 3}, dtype=dtype)
