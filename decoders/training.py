@@ -227,81 +227,68 @@ def train_heads(
     progress: bool = True,
 ) -> list[TrainedHead]:
     """Train one head per config over the same seeded batches; score each on ``val`` when given."""
-    with reuse_freed_memory(train.device.type == "cpu"):
-        return _train_heads(
-            train, val, configs, epochs=epochs, batch_size=batch_size, seed=seed, progress=progress
-        )
-
-
-def _train_heads(
-    train: DeviceFeatures,
-    val: DeviceFeatures | None,
-    configs: Sequence[HeadConfig],
-    *,
-    epochs: int = 10,
-    batch_size: int = 8,
-    seed: int = 0,
-    progress: bool = True,
-) -> list[TrainedHead]:
     if not configs:
         raise FeatstoreError("train_heads needs at least one head config")
     if epochs < 1:
         raise FeatstoreError(f"--epochs {epochs} must be at least 1")
     if not train.has_masks:
         raise FeatstoreError("the training features have no masks: build them from an annotated dataset")
-    device = train.device
-    heads = [build_head(config, train.channels, train.strides, seed).to(device) for config in configs]
-    for head in heads:
-        head.to(memory_format=torch.channels_last)  # the layout DeviceFeatures holds
-    optimizers = [
-        torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        for head, config in zip(heads, configs, strict=True)
-    ]
-    steps_per_epoch = math.ceil(len(train) / batch_size)
-    total_steps = epochs * steps_per_epoch
-    schedulers = [
-        torch.optim.lr_scheduler.LambdaLR(
-            opt, functools.partial(lr_factor, config.schedule, total=total_steps)
+    with reuse_freed_memory(train.device.type == "cpu"):
+        device = train.device
+        heads = [build_head(config, train.channels, train.strides, seed).to(device) for config in configs]
+        for head in heads:
+            head.to(memory_format=torch.channels_last)  # the layout DeviceFeatures holds
+        optimizers = [
+            torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+            for head, config in zip(heads, configs, strict=True)
+        ]
+        steps_per_epoch = math.ceil(len(train) / batch_size)
+        total_steps = epochs * steps_per_epoch
+        schedulers = [
+            torch.optim.lr_scheduler.LambdaLR(
+                opt, functools.partial(lr_factor, config.schedule, total=total_steps)
+            )
+            for opt, config in zip(optimizers, configs, strict=True)
+        ]
+        gathered = max(head.temporal_window for head in heads)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        clock = HeadClock(len(heads), device)
+        losses = [torch.zeros((), device=device) for _ in heads]
+        frames = 0
+        for head in heads:
+            head.train()
+        bar = tqdm(
+            total=total_steps, desc=f"training {len(heads)} head(s)", file=sys.stderr, disable=not progress
         )
-        for opt, config in zip(optimizers, configs, strict=True)
-    ]
-    gathered = max(head.temporal_window for head in heads)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    clock = HeadClock(len(heads), device)
-    losses = [torch.zeros((), device=device) for _ in heads]
-    frames = 0
-    for head in heads:
-        head.train()
-    bar = tqdm(
-        total=total_steps, desc=f"training {len(heads)} head(s)", file=sys.stderr, disable=not progress
-    )
-    for _epoch in range(epochs):
-        for index in train.batches(batch_size, generator):
-            features = train.gather(index, gathered)
-            masks = train.mask(index).float()  # converted once for every head's loss
-            frames += int(index.shape[0])
-            for i, (head, optimizer, scheduler) in enumerate(zip(heads, optimizers, schedulers, strict=True)):
-                clock.start(i)
-                with autocast_for(device):
-                    logits = head(window_view(features, gathered, head.temporal_window), train.frame_size)
-                loss = segmentation_loss(logits, masks)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                losses[i] = loss.detach()
-                clock.stop(i)
-            bar.update(1)
-            if progress and bar.n % 10 == 0:
-                bar.set_postfix(loss=f"{min(float(x) for x in losses):.3f}")
-    bar.close()
-    results = []
-    for config, head, elapsed, loss in zip(configs, heads, clock.seconds(), losses, strict=True):
-        recalibrate_batchnorm(head, train, batch_size=batch_size)
-        head.eval()
-        scores = evaluate(head, val, batch_size=batch_size) if val is not None else None
-        results.append(TrainedHead(config, head, elapsed, frames, float(loss), scores))
-    return results
+        for _epoch in range(epochs):
+            for index in train.batches(batch_size, generator):
+                features = train.gather(index, gathered)
+                masks = train.mask(index).float()  # converted once for every head's loss
+                frames += int(index.shape[0])
+                for i, (head, optimizer, scheduler) in enumerate(
+                    zip(heads, optimizers, schedulers, strict=True)
+                ):
+                    clock.start(i)
+                    with autocast_for(device):
+                        logits = head(window_view(features, gathered, head.temporal_window), train.frame_size)
+                    loss = segmentation_loss(logits, masks)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    scheduler.step()
+                    losses[i] = loss.detach()
+                    clock.stop(i)
+                bar.update(1)
+                if progress and bar.n % 10 == 0:
+                    bar.set_postfix(loss=f"{min(float(x) for x in losses):.3f}")
+        bar.close()
+        results = []
+        for config, head, elapsed, loss in zip(configs, heads, clock.seconds(), losses, strict=True):
+            recalibrate_batchnorm(head, train, batch_size=batch_size)
+            head.eval()
+            scores = evaluate(head, val, batch_size=batch_size) if val is not None else None
+            results.append(TrainedHead(config, head, elapsed, frames, float(loss), scores))
+        return results
 
 
 def best_head(heads: Sequence[TrainedHead]) -> TrainedHead:
