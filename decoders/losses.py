@@ -18,11 +18,21 @@ from torch import Tensor
 from featstore.errors import FeatstoreError
 
 
+def _float32(like: Tensor) -> torch.autocast:
+    """Autocast off: sums over 400k pixels per frame lose digits in bfloat16 matmuls."""
+    return torch.autocast(device_type=like.device.type, enabled=False)
+
+
 class _BceDice(torch.autograd.Function):
     """Per-head ``mean BCE + mean over frames of (1 - Dice)``; logits ``(K, N, P)``, targets ``(N, P)``."""
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, target: Tensor) -> Tensor:
+        with _float32(logits):
+            return _BceDice._forward(ctx, logits, target)
+
+    @staticmethod
+    def _forward(ctx: Any, logits: Tensor, target: Tensor) -> Tensor:
         _, frames, pixels = logits.shape
         prob = torch.sigmoid(logits)
         # BCE with logits x and target y in {0, 1} is softplus(x) - x * y.
@@ -37,6 +47,11 @@ class _BceDice(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, None]:
+        with _float32(grad_loss):
+            return _BceDice._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, None]:
         prob, target, overlap, total = ctx.saved_tensors
         heads, frames, pixels = prob.shape
         scale = grad_loss.view(heads, 1, 1)

@@ -47,6 +47,25 @@ def test_heads_get_their_own_loss_and_gradient() -> None:
         torch.testing.assert_close(stacked.grad[k], alone.grad)
 
 
+@pytest.mark.parametrize("backward_in_autocast", [False, True])
+def test_autocast_leaves_the_loss_in_float32(backward_in_autocast: bool) -> None:
+    logits, masks = _case(3.0)
+    logits = logits.float()
+    plain = logits.clone().requires_grad_()
+    expected = segmentation_loss(plain, masks)
+    expected.backward()
+    mixed = logits.clone().requires_grad_()
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        got = segmentation_loss(mixed, masks)
+        if backward_in_autocast:
+            got.backward()
+    if not backward_in_autocast:
+        got.backward()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(mixed.grad, plain.grad, rtol=0, atol=0)
+
+
 def test_a_perfect_prediction_scores_near_zero_and_the_opposite_high() -> None:
     _, masks = _case(1.0)
     right = (masks.float() * 2 - 1).unsqueeze(1) * 20
