@@ -188,12 +188,20 @@ def run_naive(
 
 
 def run_featstore(
-    data: DeviceFeatures, configs: list[HeadConfig], *, epochs: int, seed: int, time_bn_pass: bool = False
+    data: DeviceFeatures,
+    configs: list[HeadConfig],
+    *,
+    epochs: int,
+    seed: int,
+    stack: bool | None = None,
+    time_bn_pass: bool = False,
 ) -> dict[str, Any]:
     """One ``train_heads`` call, timed whole; with ``time_bn_pass``, its closing BatchNorm pass again."""
     sync(data.device)
     started = time.perf_counter()
-    heads = train_heads(data, None, configs, epochs=epochs, batch_size=BATCH_SIZE, seed=seed, progress=False)
+    heads = train_heads(
+        data, None, configs, epochs=epochs, batch_size=BATCH_SIZE, seed=seed, progress=False, stack=stack
+    )
     sync(data.device)
     wall = time.perf_counter() - started
     started = time.perf_counter()
@@ -230,6 +238,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument(
         "--heads", type=int, default=len(LEARNING_RATES), help="K for the K-heads run (0 skips it)"
+    )
+    parser.add_argument(
+        "--stack",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="K heads as one vmapped group (on), one after another (off), or train_heads' choice for the "
+        "device (auto: stacked on CUDA)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=1, help="time (a) and (b) N times each, keep the best")
@@ -344,10 +359,12 @@ def benchmark(args: argparse.Namespace, store: Store, work: Path) -> dict[str, A
             print(f"featstore train_heads, single head lr={config.lr:g} ...", file=sys.stderr)
             separate.append(run_featstore(resident, [config], epochs=args.epochs, seed=args.seed)["seconds"])
         print(f"featstore train_heads, {args.heads} heads in one pass ...", file=sys.stderr)
-        grid = run_featstore(resident, configs[: args.heads], epochs=args.epochs, seed=args.seed)
+        stack = {"auto": None, "on": True, "off": False}[args.stack]
+        grid = run_featstore(resident, configs[: args.heads], epochs=args.epochs, seed=args.seed, stack=stack)
         figures.update(
             {
                 "k_heads": args.heads,
+                "k_stacked": device.type == "cuda" if stack is None else stack,
                 "k_one_pass_seconds": grid["seconds"],
                 "k_separate_seconds": sum(separate),
                 "k_one_pass_over_one_head": grid["seconds"] / single["seconds"],
@@ -394,8 +411,9 @@ def print_table(f: dict[str, Any]) -> None:
     )
     if "k_heads" in f:
         k = f["k_heads"]
+        how = "stacked, one vmapped group" if f["k_stacked"] else "one after another"
         print(
-            f"{k} heads (lr grid) in one pass    {f['k_one_pass_seconds']:8.2f} s  = "
+            f"{k} heads (lr grid) in one pass ({how})    {f['k_one_pass_seconds']:8.2f} s  = "
             f"{f['k_one_pass_over_one_head']:.2f}x one head (target < 2x)"
         )
         print(

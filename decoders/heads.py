@@ -197,6 +197,13 @@ class ConvHead(Decoder):
         return self.body(x)
 
 
+class GlobalMean(nn.Module):
+    """Mean over the spatial grid, ``(N, C, 1, 1)``: ``AdaptiveAvgPool2d(1)``, which vmap can batch."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(dim=(-2, -1), keepdim=True)
+
+
 class TopDown(nn.Module):
     """FPN top-down path over lateral maps (finest first): upsample, add, 3x3 smooth; global context on top."""
 
@@ -205,7 +212,7 @@ class TopDown(nn.Module):
         self.smooth = nn.ModuleList(conv_norm_relu(width, width, 3, norm) for _ in range(levels))
         # Image-level context (as in PSPNet/ParseNet): which object is "primary" is a whole-frame decision.
         self.context = (
-            nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(width, width, 1), nn.ReLU(inplace=True))
+            nn.Sequential(GlobalMean(), nn.Conv2d(width, width, 1), nn.ReLU(inplace=True))
             if context
             else None
         )

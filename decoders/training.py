@@ -1,8 +1,9 @@
 """Train a grid of heads in one pass over device-resident features and score them by the contest rule.
 
 Every head sees the same batches in the same order (one seeded permutation per epoch) and has its own
-AdamW optimizer, so K heads cost one pass of batch gathering, and head i trained in a grid ends exactly
-where it would end trained alone with the same seed (dinov2's linear evaluation, for segmentation heads).
+AdamW state, so K heads cost one pass of batch gathering, and head i trained in a grid ends where it
+would end trained alone with the same seed (dinov2's linear evaluation, for segmentation heads). Heads
+of one architecture can step as one vmapped computation (``decoders.stacked``), with the same updates.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from decoders._registry import create_decoder, get_decoder_class
 from decoders.device_data import DeviceFeatures
 from decoders.heads import DEFAULT_DECODER, Decoder
 from decoders.host_allocator import reuse_freed_memory
-from decoders.losses import segmentation_loss
+from decoders.losses import segmentation_loss, segmentation_losses
+from decoders.stacked import StackedAdamW, StackedHeads
 from featstore.errors import FeatstoreError
 from featstore.metrics import ContestScore, Scores, iou_terms
 
@@ -172,9 +174,9 @@ def recalibrate_batchnorm(head: Decoder, data: DeviceFeatures, *, batch_size: in
 
 
 class HeadClock:
-    """Time spent in each head's steps, without stalling the GPU.
+    """Time spent in each stepper's steps (a head, or a stacked group of heads), without stalling the GPU.
 
-    Synchronizing after every head step would keep the host from queueing the next head's kernels while
+    Synchronizing after every step would keep the host from queueing the next stepper's kernels while
     the GPU runs this one; on CUDA each step is bracketed by events instead, read once at the end.
     """
 
@@ -216,6 +218,93 @@ def build_head(config: HeadConfig, channels: dict[str, int], strides: dict[str, 
         return create_decoder(config.decoder, channels, strides, **config.options)
 
 
+class SingleHead:
+    """One head with its own AdamW and schedule, stepped on its own."""
+
+    def __init__(self, head: Decoder, config: HeadConfig, total_steps: int) -> None:
+        self.heads = [head]
+        self.optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, functools.partial(lr_factor, config.schedule, total=total_steps)
+        )
+
+    def step(
+        self, features: dict[str, Tensor], gathered: int, masks: Tensor, size: tuple[int, int]
+    ) -> Tensor:
+        """One AdamW step on a batch; returns the loss as a one-element tensor."""
+        head = self.heads[0]
+        with autocast_for(masks.device):
+            logits = head(window_view(features, gathered, head.temporal_window), size)
+        loss = segmentation_loss(logits, masks)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.detach().unsqueeze(0)
+
+    def finish(self) -> None:
+        """Nothing to hand back: the head trained in place."""
+
+
+class StackedGroup:
+    """Heads of one architecture stepped as one vmapped computation, each with its own rate and decay."""
+
+    def __init__(
+        self, heads: Sequence[Decoder], configs: Sequence[HeadConfig], total_steps: int, device: torch.device
+    ) -> None:
+        self.heads = list(heads)
+        self.stack = StackedHeads(heads)
+        self.optimizer = StackedAdamW(self.stack.parameters(), [c.weight_decay for c in configs])
+        # Every step's rate for every head, computed once: no host-to-device copy per step.
+        self.rates = torch.tensor(
+            [
+                [c.lr * lr_factor(c.schedule, step, total_steps) for c in configs]
+                for step in range(total_steps)
+            ],
+            dtype=torch.float64,
+            device=device,
+        )
+        self.steps = 0
+
+    def step(
+        self, features: dict[str, Tensor], gathered: int, masks: Tensor, size: tuple[int, int]
+    ) -> Tensor:
+        """One AdamW step of every head on a batch; returns the heads' losses."""
+        with autocast_for(masks.device):
+            logits = self.stack(window_view(features, gathered, self.stack.temporal_window), size)
+        losses = segmentation_losses(logits, masks)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()  # heads share no weights: each gets exactly its own loss's gradient
+        self.optimizer.step(self.rates[self.steps])
+        self.steps += 1
+        return losses.detach()
+
+    def finish(self) -> None:
+        """Copy the trained weights back into the heads."""
+        self.stack.write_back()
+
+
+def steppers(
+    heads: Sequence[Decoder], configs: Sequence[HeadConfig], total_steps: int, stack: bool
+) -> list[SingleHead | StackedGroup]:
+    """Heads grouped by architecture into stacked groups when ``stack``, else one stepper per head."""
+    if not stack:
+        return [SingleHead(h, c, total_steps) for h, c in zip(heads, configs, strict=True)]
+    groups: dict[str, list[int]] = {}
+    for i, config in enumerate(configs):
+        key = json.dumps([config.decoder, config.options], sort_keys=True, default=str)
+        groups.setdefault(key, []).append(i)
+    out: list[SingleHead | StackedGroup] = []
+    for members in groups.values():
+        if len(members) == 1:
+            out.append(SingleHead(heads[members[0]], configs[members[0]], total_steps))
+        else:
+            device = next(heads[members[0]].parameters()).device
+            chosen = [configs[i] for i in members]
+            out.append(StackedGroup([heads[i] for i in members], chosen, total_steps, device))
+    return out
+
+
 def train_heads(
     train: DeviceFeatures,
     val: DeviceFeatures | None,
@@ -225,38 +314,34 @@ def train_heads(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
+    stack: bool | None = None,
 ) -> list[TrainedHead]:
-    """Train one head per config over the same seeded batches; score each on ``val`` when given."""
+    """Train one head per config over the same seeded batches; score each on ``val`` when given.
+
+    With ``stack`` (the default on CUDA), heads of one architecture step as one vmapped computation, one
+    launch sequence for all of them; on the CPU they step one after another, which measured faster there
+    (vmap turns their convolutions into grouped ones). Both give each head the same updates.
+    """
     if not configs:
         raise FeatstoreError("train_heads needs at least one head config")
     if epochs < 1:
         raise FeatstoreError(f"--epochs {epochs} must be at least 1")
     if not train.has_masks:
         raise FeatstoreError("the training features have no masks: build them from an annotated dataset")
-    with reuse_freed_memory(train.device.type == "cpu"):
-        device = train.device
+    device = train.device
+    with reuse_freed_memory(device.type == "cpu"):
         heads = [build_head(config, train.channels, train.strides, seed).to(device) for config in configs]
         for head in heads:
             head.to(memory_format=torch.channels_last)  # the layout DeviceFeatures holds
-        optimizers = [
-            torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-            for head, config in zip(heads, configs, strict=True)
-        ]
-        steps_per_epoch = math.ceil(len(train) / batch_size)
-        total_steps = epochs * steps_per_epoch
-        schedulers = [
-            torch.optim.lr_scheduler.LambdaLR(
-                opt, functools.partial(lr_factor, config.schedule, total=total_steps)
-            )
-            for opt, config in zip(optimizers, configs, strict=True)
-        ]
+            head.train()
+        total_steps = epochs * math.ceil(len(train) / batch_size)
+        units = steppers(heads, configs, total_steps, device.type == "cuda" if stack is None else stack)
+        owner = [next(u for u, unit in enumerate(units) if head in unit.heads) for head in heads]
         gathered = max(head.temporal_window for head in heads)
         generator = torch.Generator(device=device).manual_seed(seed)
-        clock = HeadClock(len(heads), device)
-        losses = [torch.zeros((), device=device) for _ in heads]
+        clock = HeadClock(len(units), device)
+        losses = [torch.zeros(len(unit.heads), device=device) for unit in units]
         frames = 0
-        for head in heads:
-            head.train()
         bar = tqdm(
             total=total_steps, desc=f"training {len(heads)} head(s)", file=sys.stderr, disable=not progress
         )
@@ -265,29 +350,25 @@ def train_heads(
                 features = train.gather(index, gathered)
                 masks = train.mask(index).float()  # converted once for every head's loss
                 frames += int(index.shape[0])
-                for i, (head, optimizer, scheduler) in enumerate(
-                    zip(heads, optimizers, schedulers, strict=True)
-                ):
-                    clock.start(i)
-                    with autocast_for(device):
-                        logits = head(window_view(features, gathered, head.temporal_window), train.frame_size)
-                    loss = segmentation_loss(logits, masks)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    scheduler.step()
-                    losses[i] = loss.detach()
-                    clock.stop(i)
+                for u, unit in enumerate(units):
+                    clock.start(u)
+                    losses[u] = unit.step(features, gathered, masks, train.frame_size)
+                    clock.stop(u)
                 bar.update(1)
                 if progress and bar.n % 10 == 0:
-                    bar.set_postfix(loss=f"{min(float(x) for x in losses):.3f}")
+                    bar.set_postfix(loss=f"{float(torch.cat(losses).min()):.3f}")
         bar.close()
+        for unit in units:
+            unit.finish()
+        unit_seconds = clock.seconds()
         results = []
-        for config, head, elapsed, loss in zip(configs, heads, clock.seconds(), losses, strict=True):
+        for config, head, u in zip(configs, heads, owner, strict=True):
+            loss = float(losses[u][units[u].heads.index(head)])
             recalibrate_batchnorm(head, train, batch_size=batch_size)
             head.eval()
             scores = evaluate(head, val, batch_size=batch_size) if val is not None else None
-            results.append(TrainedHead(config, head, elapsed, frames, float(loss), scores))
+            elapsed = unit_seconds[u] / len(units[u].heads)  # a group's time, shared by its heads
+            results.append(TrainedHead(config, head, elapsed, frames, loss, scores))
         return results
 
 

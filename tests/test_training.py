@@ -129,6 +129,31 @@ def test_subset_keeps_clip_structure() -> None:
     assert part.rows == [7, 8, 0, 1, 2]
 
 
+def test_stacked_heads_train_like_heads_stepped_one_by_one() -> None:
+    train = synthetic_features({"a": 6, "b": 5, "c": 4}, seed=1)
+    val = synthetic_features({"v": 5}, seed=2)
+    configs = [
+        HeadConfig("fpn", lr=1e-3, options={"width": 16}),
+        HeadConfig("linear", lr=1e-2, schedule="constant"),
+        HeadConfig("fpn", lr=3e-3, weight_decay=1e-2, options={"width": 16}),
+        HeadConfig("fpn", lr=2e-3, schedule="constant", options={"width": 16}),
+    ]
+    stacked = train_heads(train, val, configs, epochs=2, batch_size=4, seed=7, progress=False, stack=True)
+    one_by_one = train_heads(train, val, configs, epochs=2, batch_size=4, seed=7, progress=False, stack=False)
+    for a, b in zip(stacked, one_by_one, strict=True):
+        assert a.config == b.config
+        state_a, state_b = a.decoder.state_dict(), b.decoder.state_dict()
+        for key in state_a:
+            torch.testing.assert_close(state_a[key], state_b[key], rtol=1e-4, atol=1e-5)
+        assert a.final_loss == pytest.approx(b.final_loss, rel=1e-4)
+        assert a.val is not None and b.val is not None
+        assert a.val.mean_iou == pytest.approx(b.val.mean_iou, abs=1e-3)
+        assert a.train_seconds > 0
+    first = dict(one_by_one[0].decoder.named_parameters())
+    moved = any(not torch.equal(p, first[k]) for k, p in one_by_one[2].decoder.named_parameters())
+    assert moved, "heads of one group keep their own weights"
+
+
 def test_heads_trained_together_match_heads_trained_alone() -> None:
     train = synthetic_features({"a": 6, "b": 5, "c": 4}, seed=1)
     val = synthetic_features({"v": 5}, seed=2)
@@ -273,7 +298,11 @@ def test_training_on_cuda_keeps_features_on_the_device() -> None:
     train = synthetic_features({f"t{i}": 10 for i in range(6)}, seed=3, device="cuda")
     val = synthetic_features({"v": 10}, seed=4, device="cuda")
     assert all(v.is_cuda for v in train.features.values())
-    configs = [HeadConfig(DEFAULT_DECODER, lr=3e-3), HeadConfig("linear", lr=1e-2)]
-    head, linear = train_heads(train, val, configs, epochs=8, progress=False)
+    configs = [HeadConfig(DEFAULT_DECODER, lr=3e-3), HeadConfig("linear", lr=1e-2), HeadConfig(lr=1e-3)]
+    head, linear, other = train_heads(train, val, configs, epochs=8, progress=False)  # fpn heads stacked
     assert head.val is not None and head.val.mean_iou > 0.8
-    assert head.train_seconds > linear.train_seconds > 0, "CUDA events time each head's own steps"
+    assert other.val is not None and other.val.mean_iou > 0.5
+    assert head.train_seconds == other.train_seconds > 0, "a stacked group's time is shared by its heads"
+    assert linear.train_seconds > 0, "CUDA events time each stepper's own steps"
+    (alone,) = train_heads(train, val, configs[:1], epochs=8, progress=False, stack=False)
+    assert alone.val is not None and abs(alone.val.mean_iou - head.val.mean_iou) < 0.05
