@@ -180,33 +180,33 @@ class HeadClock:
     the GPU runs this one; on CUDA each step is bracketed by events instead, read once at the end.
     """
 
-    def __init__(self, heads: int, device: torch.device) -> None:
+    def __init__(self, steppers: int, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-        self.totals = [0.0] * heads
-        self.started = [0.0] * heads
-        self.events: list[list[tuple[Any, Any]]] = [[] for _ in range(heads)]
+        self.totals = [0.0] * steppers
+        self.started = [0.0] * steppers
+        self.events: list[list[tuple[Any, Any]]] = [[] for _ in range(steppers)]
 
-    def start(self, head: int) -> None:
+    def start(self, stepper: int) -> None:
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
-            self.events[head].append((event, None))
+            self.events[stepper].append((event, None))
         else:
-            self.started[head] = time.perf_counter()
+            self.started[stepper] = time.perf_counter()
 
-    def stop(self, head: int) -> None:
+    def stop(self, stepper: int) -> None:
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
-            self.events[head][-1] = (self.events[head][-1][0], event)
+            self.events[stepper][-1] = (self.events[stepper][-1][0], event)
         else:
-            self.totals[head] += time.perf_counter() - self.started[head]
+            self.totals[stepper] += time.perf_counter() - self.started[stepper]
 
     def seconds(self) -> list[float]:
         if self.cuda:
             torch.cuda.synchronize()
-            for head, pairs in enumerate(self.events):
-                self.totals[head] += sum(begin.elapsed_time(end) for begin, end in pairs) / 1000.0
+            for stepper, pairs in enumerate(self.events):
+                self.totals[stepper] += sum(begin.elapsed_time(end) for begin, end in pairs) / 1000.0
                 pairs.clear()
         return list(self.totals)
 
