@@ -48,7 +48,13 @@ from decoders import (
     train_heads,
 )
 from decoders.losses import reference_segmentation_loss
-from decoders.training import autocast_for, build_head, lr_factor, recalibrate_batchnorm
+from decoders.training import (
+    autocast_for,
+    build_head,
+    lr_factor,
+    recalibrate_batchnorm,
+    stacks_by_default,
+)
 from featstore.datasets import load_dataset, read_mask
 from featstore.errors import FeatstoreError
 from featstore.features import FeatureArtifact, open_features
@@ -364,7 +370,7 @@ def benchmark(args: argparse.Namespace, store: Store, work: Path) -> dict[str, A
         figures.update(
             {
                 "k_heads": args.heads,
-                "k_stacked": device.type == "cuda" if stack is None else stack,
+                "k_stacked": stacks_by_default(device) if stack is None else stack,
                 "k_one_pass_seconds": grid["seconds"],
                 "k_separate_seconds": sum(separate),
                 "k_one_pass_over_one_head": grid["seconds"] / single["seconds"],

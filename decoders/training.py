@@ -249,9 +249,7 @@ class SingleHead:
 class StackedGroup:
     """Heads of one architecture stepped as one vmapped computation, each with its own rate and decay."""
 
-    def __init__(
-        self, heads: Sequence[Decoder], configs: Sequence[HeadConfig], total_steps: int, device: torch.device
-    ) -> None:
+    def __init__(self, heads: Sequence[Decoder], configs: Sequence[HeadConfig], total_steps: int) -> None:
         self.heads = list(heads)
         self.stack = StackedHeads(heads)
         self.optimizer = StackedAdamW(self.stack.parameters(), [c.weight_decay for c in configs])
@@ -262,7 +260,7 @@ class StackedGroup:
                 for step in range(total_steps)
             ],
             dtype=torch.float64,
-            device=device,
+            device=self.stack.parameters()[0].device,
         )
         self.steps = 0
 
@@ -299,10 +297,14 @@ def steppers(
         if len(members) == 1:
             out.append(SingleHead(heads[members[0]], configs[members[0]], total_steps))
         else:
-            device = next(heads[members[0]].parameters()).device
             chosen = [configs[i] for i in members]
-            out.append(StackedGroup([heads[i] for i in members], chosen, total_steps, device))
+            out.append(StackedGroup([heads[i] for i in members], chosen, total_steps))
     return out
+
+
+def stacks_by_default(device: torch.device) -> bool:
+    """Whether ``train_heads`` stacks heads of one architecture when not told: on CUDA, not on the CPU."""
+    return device.type == "cuda"
 
 
 def train_heads(
@@ -335,8 +337,9 @@ def train_heads(
             head.to(memory_format=torch.channels_last)  # the layout DeviceFeatures holds
             head.train()
         total_steps = epochs * math.ceil(len(train) / batch_size)
-        units = steppers(heads, configs, total_steps, device.type == "cuda" if stack is None else stack)
-        owner = [next(u for u, unit in enumerate(units) if head in unit.heads) for head in heads]
+        units = steppers(heads, configs, total_steps, stacks_by_default(device) if stack is None else stack)
+        # Where each head landed: (its stepper, its place among that stepper's heads).
+        place = {id(head): (u, k) for u, unit in enumerate(units) for k, head in enumerate(unit.heads)}
         gathered = max(head.temporal_window for head in heads)
         generator = torch.Generator(device=device).manual_seed(seed)
         clock = HeadClock(len(units), device)
@@ -362,8 +365,9 @@ def train_heads(
             unit.finish()
         unit_seconds = clock.seconds()
         results = []
-        for config, head, u in zip(configs, heads, owner, strict=True):
-            loss = float(losses[u][units[u].heads.index(head)])
+        for config, head in zip(configs, heads, strict=True):
+            u, k = place[id(head)]
+            loss = float(losses[u][k])
             recalibrate_batchnorm(head, train, batch_size=batch_size)
             head.eval()
             scores = evaluate(head, val, batch_size=batch_size) if val is not None else None

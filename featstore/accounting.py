@@ -51,7 +51,10 @@ def count_executed_parameters(module: nn.Module, *inputs: Any) -> int:
 
 
 def count_flops(module: Callable[..., Any], *inputs: Any) -> int:
-    """FLOPs of ``module(*inputs)`` (a module or a method of one) as counted by ``torch.utils.flop_counter`` (a multiply-add is 2 FLOPs)."""
+    """FLOPs of ``module(*inputs)``, a module or a method of one, as ``torch.utils.flop_counter`` counts them.
+
+    A multiply-add is 2 FLOPs.
+    """
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         module(*inputs)
