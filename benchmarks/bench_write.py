@@ -84,7 +84,14 @@ def main() -> None:
     args = parser.parse_args()
     if not args.data.exists():
         sys.exit(f"dataset {args.data} not found: pass --data PATH (the DAVIS dev clips live in ../shared/data)")
-    thread_counts = [int(t) for t in args.threads.split(",")]
+    try:
+        thread_counts = [int(t) for t in args.threads.split(",")]
+    except ValueError:
+        sys.exit(f"--threads {args.threads!r}: give comma-separated whole numbers, e.g. 1,2,4")
+    if min(thread_counts) < 1 or args.frames < 1 or args.tile < 1:
+        sys.exit(
+            f"--threads {args.threads}, --frames {args.frames} and --tile {args.tile} must all be at least 1"
+        )
     features, masks = compute_features(args.data, args.backbone, args.frames, batch_size=16)
     frames = args.tile * CLIP_FRAMES
     raw = sum(v[0].nbytes for v in features.values()) + masks[0].nbytes
