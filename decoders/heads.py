@@ -150,9 +150,14 @@ class Decoder(nn.Module):
         """``(N, 1, h, w)`` logits at the head's own resolution; every head defines this."""
         raise NotImplementedError
 
-    def forward(self, features: dict[str, Tensor], out_size: tuple[int, int]) -> Tensor:
-        """``(N, 1, H, W)`` float32 logits at ``out_size``, bilinearly resized from ``coarse_logits``."""
-        return resize_bilinear(self.coarse_logits(features), out_size)
+    def forward(self, features: dict[str, Tensor], out_size: tuple[int, int] | None = None) -> Tensor:
+        """``(N, 1, H, W)`` float32 logits at ``out_size``, bilinearly resized from ``coarse_logits``.
+
+        Without ``out_size`` it returns ``coarse_logits`` as they are: the loss resizes them itself, chunk by
+        chunk, and ``torch.func.functional_call`` reaches a module only through ``forward``.
+        """
+        coarse = self.coarse_logits(features)
+        return coarse if out_size is None else resize_bilinear(coarse, out_size)
 
 
 @register_decoder("linear")

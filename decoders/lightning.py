@@ -183,20 +183,21 @@ class HeadModule(pl.LightningModule):
     def for_features(cls, config: HeadConfig, data: DeviceFeatures, *, seed: int = 0) -> HeadModule:
         return cls(config, data.channels, data.strides, seed=seed)
 
-    def forward(self, features: dict[str, Tensor], out_size: tuple[int, int]) -> Tensor:
+    def forward(self, features: dict[str, Tensor], out_size: tuple[int, int] | None = None) -> Tensor:
         return self.head(features, out_size)
 
-    def _logits(self, batch: dict[str, Any]) -> Tensor:
+    def _logits(self, batch: dict[str, Any], *, full_size: bool = True) -> Tensor:
         window = self.head.temporal_window
         if window > batch["window"]:
             raise FeatstoreError(
                 f"the {self.head.name} head reads {window} neighbour(s) per side but the data module gathers "
                 f"{batch['window']}: create FeatureDataModule(temporal_window={window})"
             )
-        return self(window_view(batch["features"], batch["window"], window), batch["frame_size"])
+        size = batch["frame_size"] if full_size else None
+        return self(window_view(batch["features"], batch["window"], window), size)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss = segmentation_loss(self._logits(batch), batch["masks"])
+        loss = segmentation_loss(self._logits(batch, full_size=False), batch["masks"])  # resized inside
         self.log("train_loss", loss, prog_bar=True, batch_size=int(batch["masks"].shape[0]))
         return loss
 

@@ -77,9 +77,12 @@ class StackedHeads:
     def eval(self) -> StackedHeads:
         return self.train(False)
 
-    def forward(self, features: dict[str, Tensor], out_size: tuple[int, int]) -> Tensor:
-        """Logits ``(K, N, 1, H, W)``: head i's output at index i, all heads over the same ``features``."""
-        size = (int(out_size[0]), int(out_size[1]))
+    def forward(self, features: dict[str, Tensor], out_size: tuple[int, int] | None = None) -> Tensor:
+        """Logits ``(K, N, 1, H, W)``: head i's output at index i, all heads over the same ``features``.
+
+        Without ``out_size``, the heads' ``coarse_logits`` ``(K, N, 1, h, w)``, as ``Decoder.forward`` does.
+        """
+        size = None if out_size is None else (int(out_size[0]), int(out_size[1]))
         # Cast here, not in the head: autocast does not reach every op under vmap (on the CPU it reaches
         # none), so stored half-precision features would meet float32 weights inside the mapped forward.
         dtype = next(iter(self.params.values())).dtype

@@ -228,14 +228,12 @@ class SingleHead:
             self.optimizer, functools.partial(lr_factor, config.schedule, total=total_steps)
         )
 
-    def step(
-        self, features: dict[str, Tensor], gathered: int, masks: Tensor, size: tuple[int, int]
-    ) -> Tensor:
+    def step(self, features: dict[str, Tensor], gathered: int, masks: Tensor) -> Tensor:
         """One AdamW step on a batch; returns the loss as a one-element tensor."""
         head = self.heads[0]
         with autocast_for(masks.device):
-            logits = head(window_view(features, gathered, head.temporal_window), size)
-        loss = segmentation_loss(logits, masks)
+            coarse = head(window_view(features, gathered, head.temporal_window))
+        loss = segmentation_loss(coarse, masks)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -264,13 +262,11 @@ class StackedGroup:
         )
         self.steps = 0
 
-    def step(
-        self, features: dict[str, Tensor], gathered: int, masks: Tensor, size: tuple[int, int]
-    ) -> Tensor:
+    def step(self, features: dict[str, Tensor], gathered: int, masks: Tensor) -> Tensor:
         """One AdamW step of every head on a batch; returns the heads' losses."""
         with autocast_for(masks.device):
-            logits = self.stack(window_view(features, gathered, self.stack.temporal_window), size)
-        losses = segmentation_losses(logits, masks)
+            coarse = self.stack(window_view(features, gathered, self.stack.temporal_window))
+        losses = segmentation_losses(coarse, masks)
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()  # heads share no weights: each gets exactly its own loss's gradient
         self.optimizer.step(self.rates[self.steps])
@@ -351,11 +347,11 @@ def train_heads(
         for _epoch in range(epochs):
             for index in train.batches(batch_size, generator):
                 features = train.gather(index, gathered)
-                masks = train.mask(index).float()  # converted once for every head's loss
+                masks = train.mask(index)  # uint8: the loss converts each chunk of frames as it reads it
                 frames += int(index.shape[0])
                 for u, unit in enumerate(units):
                     clock.start(u)
-                    losses[u] = unit.step(features, gathered, masks, train.frame_size)
+                    losses[u] = unit.step(features, gathered, masks)
                     clock.stop(u)
                 bar.update(1)
                 if progress and bar.n % 10 == 0:

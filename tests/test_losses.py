@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from decoders.losses import reference_segmentation_loss, segmentation_loss, segmentation_losses
+from decoders.losses import (
+    frames_per_chunk,
+    reference_segmentation_loss,
+    segmentation_loss,
+    segmentation_losses,
+)
 from featstore.errors import FeatstoreError
 
 
@@ -73,9 +79,37 @@ def test_a_perfect_prediction_scores_near_zero_and_the_opposite_high() -> None:
     assert float(segmentation_loss(-right, masks)) > 1.5
 
 
+def test_coarse_logits_are_scored_as_their_bilinear_resize_chunk_by_chunk() -> None:
+    """At DAVIS size the loss runs a frame at a time; it must equal the notebook form on F.interpolate's output."""
+    frame = (480, 854)
+    generator = torch.Generator().manual_seed(5)
+    coarse = torch.randn(2, 5, 1, 15, 27, generator=generator, dtype=torch.float64) * 4
+    masks = (torch.rand(5, *frame, generator=generator) > 0.6).to(torch.uint8)
+    masks[1] = 0
+    assert frames_per_chunk(torch.device("cpu"), 2, frame[0] * frame[1]) < 5  # several chunks, one partial
+    got_in = coarse.float().requires_grad_()
+    losses = segmentation_losses(got_in, masks)
+    (losses * torch.tensor([1.0, 3.0])).sum().backward()
+    assert got_in.grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(segmentation_losses(coarse.float(), masks), losses.detach(), rtol=0, atol=0)
+    for k in range(2):
+        ref_in = coarse[k].clone().requires_grad_()
+        resized = F.interpolate(ref_in, size=frame, mode="bilinear", align_corners=False)
+        expected = reference_segmentation_loss(resized, masks)
+        expected.backward()
+        assert ref_in.grad is not None
+        torch.testing.assert_close(losses[k].detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+        expected_grad = (2 * k + 1) * ref_in.grad
+        atol = 1e-5 * float(expected_grad.abs().max())
+        torch.testing.assert_close(got_in.grad[k].double(), expected_grad, rtol=1e-4, atol=atol)
+
+
 def test_mismatched_shapes_are_refused() -> None:
     logits, masks = _case(1.0)
-    with pytest.raises(FeatstoreError, match=r"logits \(K, N, 1, H, W\)"):
+    with pytest.raises(FeatstoreError, match=r"logits \(K, N, 1, h, w\)"):
         segmentation_losses(logits, masks)
-    with pytest.raises(FeatstoreError, match="matching masks"):
+    with pytest.raises(FeatstoreError, match="as many frames as masks"):
+        segmentation_loss(logits, masks[:2])
+    with pytest.raises(FeatstoreError, match="larger than their masks"):
         segmentation_loss(logits, masks[:, :5])
