@@ -29,7 +29,7 @@ from featstore.backbones import FeatureExtractor, create_backbone
 from featstore.datasets import Dataset, FrameRecord, load_dataset
 from featstore.errors import FeatstoreError, StoreError
 from featstore.features import GROUP_DIR, ClipArrays, open_group, parse_dtype, to_storage
-from featstore.frame_stream import FrameStream
+from featstore.frame_stream import FrameBatch, FrameStream
 from featstore.store import (
     ArtifactRecord,
     Staging,
@@ -197,6 +197,28 @@ class ClipProgress:
         return start, {layer: v[:n] for layer, v in feats.items()}, masks[:n] if masks is not None else None
 
 
+class HostCopy:
+    """A batch's features on their way to host memory.
+
+    On CUDA the copy goes asynchronously into pinned memory with an event that marks its end, so the job
+    can queue the next batch's decode and forward before it waits: the GPU works on batch i while the host
+    buffers and hands batch i - 1 to the writers. On the CPU the tensors are already there.
+    """
+
+    def __init__(self, outputs: dict[str, torch.Tensor]) -> None:
+        self.values = {layer: v.to("cpu", non_blocking=True) for layer, v in outputs.items()}
+        self.ready: torch.cuda.Event | None = None
+        if any(v.is_cuda for v in outputs.values()):
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The features as numpy arrays, once the copy has finished."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return {layer: to_storage(v) for layer, v in self.values.items()}
+
+
 def _clip_attrs(records: Sequence[FrameRecord]) -> dict[str, Any]:
     return {
         "clip": records[0].clip,
@@ -226,8 +248,8 @@ def featurize_clips(
 ) -> int:
     """Compute and write the arrays of ``clips``; mark each clip done once all its chunks are on disk.
 
-    Memory stays bounded: a few decoded batches ahead, at most one chunk per clip buffered, and a few
-    writes in flight. Returns the number of frames computed.
+    Memory stays bounded: a few decoded batches ahead, one batch of features on its way to the host, at
+    most one chunk per clip buffered, and a few writes in flight. Returns the number of frames computed.
     """
     by_clip = dataset.clips()
     records = [r for clip in clips for r in by_clip[clip]]
@@ -252,9 +274,9 @@ def featurize_clips(
 
     with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="featstore-write") as writer:
         in_flight: list[Future] = []
-        for batch in stream:
-            outputs = extractor.extract(batch.pixels)
-            host = {layer: to_storage(values.cpu()) for layer, values in outputs.items()}
+
+        def store_batch(batch: FrameBatch, copy: HostCopy) -> None:
+            host = copy.arrays()
             for clip, lo, hi in _clip_runs(batch.records):
                 if clip not in open_clips:
                     frame_size = (int(batch.pixels.shape[2]), int(batch.pixels.shape[3]))
@@ -281,6 +303,15 @@ def featurize_clips(
                 if state.written == state.arrays.n_frames:
                     mark_done(clip)
             bar.update(len(batch.records))
+
+        previous: tuple[FrameBatch, HostCopy] | None = None
+        for batch in stream:
+            copy = HostCopy(extractor.extract(batch.pixels))
+            if previous is not None:
+                store_batch(*previous)  # on CUDA, while the device runs this batch
+            previous = (batch, copy)
+        if previous is not None:
+            store_batch(*previous)
         for future in in_flight:
             future.result()
     bar.close()

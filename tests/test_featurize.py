@@ -178,3 +178,24 @@ def test_a_new_extraction_version_rebuilds(tmp_path: Path, small_davis: Path, mo
     monkeypatch.setattr("jobs.featurize.EXTRACTION_VERSION", first.record.metadata["extraction"] + 1)
     second = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
     assert not second.cached and second.record.key != first.record.key
+
+
+@pytest.mark.gpu
+def test_cuda_build_matches_the_cpu_build(tmp_path: Path, small_davis: Path) -> None:
+    """nvJPEG decoding, half-precision autocast and the asynchronous copy to the host give the CPU's features."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    cpu_store, gpu_store = Store(tmp_path / "cpu"), Store(tmp_path / "gpu")
+    on_cpu = build_features(cpu_store, "tiny", small_davis, weights="random", batch_size=4, device="cpu",
+                            progress=False)
+    on_gpu = build_features(gpu_store, "tiny", small_davis, weights="random", batch_size=4, device="cuda",
+                            progress=False)
+    assert on_gpu.ref == on_cpu.ref and on_gpu.frames == on_cpu.frames == 12
+    expected, got = open_features(cpu_store, on_cpu.ref), open_features(gpu_store, on_gpu.ref)
+    assert gpu_store.verify(got.record) == []
+    for clip in expected.clips:
+        torch.testing.assert_close(got.read_masks(clip), expected.read_masks(clip), rtol=0, atol=0)
+        for layer in expected.layers:
+            want, have = expected.read(clip, layer).float(), got.read(clip, layer).float()
+            assert have.shape == want.shape
+            assert float((have - want).norm() / want.norm()) < 5e-2, (clip, layer)
