@@ -124,8 +124,7 @@ def segmentation_loss(logits: Tensor, masks: Tensor) -> Tensor:
 
 
 def reference_segmentation_loss(logits: Tensor, masks: Tensor) -> Tensor:
-    """The same loss written op by op on full-resolution logits, as a notebook would: the specification the
-    fused loss is tested on."""
+    """The same loss, op by op on full-resolution logits as a notebook writes it: what the tests hold it to."""
     logits = logits.float().squeeze(1)
     target = masks.float()
     bce = F.binary_cross_entropy_with_logits(logits, target)
