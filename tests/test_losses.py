@@ -113,3 +113,23 @@ def test_mismatched_shapes_are_refused() -> None:
         segmentation_loss(logits, masks[:2])
     with pytest.raises(FeatstoreError, match="larger than their masks"):
         segmentation_loss(logits, masks[:, :5])
+
+
+@pytest.mark.gpu
+def test_cuda_loss_under_autocast_matches_the_cpu() -> None:
+    """On CUDA a batch is one chunk and the heads' logits arrive in bfloat16; the loss still runs in float32."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    generator = torch.Generator().manual_seed(7)
+    coarse = torch.randn(3, 6, 1, 60, 107, generator=generator) * 3
+    masks = (torch.rand(6, 480, 854, generator=generator) > 0.6).to(torch.uint8)
+    on_cpu = coarse.clone().requires_grad_()
+    expected = segmentation_losses(on_cpu, masks)
+    expected.sum().backward()
+    on_gpu = coarse.cuda().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = segmentation_losses(on_gpu, masks.cuda())
+    got.sum().backward()
+    assert got.dtype == torch.float32 and on_gpu.grad is not None and on_cpu.grad is not None
+    torch.testing.assert_close(got.cpu(), expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(on_gpu.grad.cpu(), on_cpu.grad, rtol=1e-4, atol=1e-4 * float(on_cpu.grad.abs().max()))
