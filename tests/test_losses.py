@@ -117,7 +117,7 @@ def test_mismatched_shapes_are_refused() -> None:
 
 @pytest.mark.gpu
 def test_cuda_loss_under_autocast_matches_the_cpu() -> None:
-    """On CUDA a batch is one chunk and the heads' logits arrive in bfloat16; the loss still runs in float32."""
+    """On CUDA a batch is one chunk; under bfloat16 autocast the loss still runs in float32, as on the CPU."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     generator = torch.Generator().manual_seed(7)
