@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import zarr
 from PIL import Image
 from tqdm import tqdm
 
@@ -235,6 +236,79 @@ def finished_clips(scratch: Path) -> set[str]:
     return {p.stem for p in done.glob("*.json")} if done.is_dir() else set()
 
 
+class ClipWriter:
+    """Buffers each clip's features into chunk-aligned spans, writes them on threads, and marks clips done.
+
+    Each clip array has this one writer. A clip is marked done (a file under ``scratch/done``) only once
+    every one of its chunks is on disk, so a killed run resumes from exactly the finished clips.
+    """
+
+    def __init__(self, group: zarr.Group, dataset: Dataset, scratch: Path, dtype: str, threads: int) -> None:
+        self.group = group
+        self.by_clip = dataset.clips()
+        self.with_masks = dataset.has_annotations
+        self.done_dir = scratch / DONE_DIR
+        self.done_dir.mkdir(parents=True, exist_ok=True)
+        self.dtype = dtype
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="featstore-write")
+        self.max_pending = 2 * threads
+        self.in_flight: list[Future] = []
+        self.open_clips: dict[str, ClipProgress] = {}
+
+    def add(self, batch: FrameBatch, host: dict[str, np.ndarray]) -> None:
+        """Buffer a batch's features and masks; submit every whole chunk (or a clip's last one) it completes."""
+        for clip, lo, hi in _clip_runs(batch.records):
+            state = self.open_clips.get(clip)
+            if state is None:
+                state = self._open(clip, batch, host)
+            state.append({layer: v[lo:hi] for layer, v in host.items()},
+                         batch.masks[lo:hi] if batch.masks is not None else None)
+            while n := state.next_span():
+                future = self.pool.submit(state.arrays.write, *state.take(n))
+                state.futures.append(future)
+                self.in_flight.append(future)
+                while len(self.in_flight) > self.max_pending:
+                    self.in_flight.pop(0).result()
+            if state.written == state.arrays.n_frames:
+                self._mark_done(clip)
+
+    def __enter__(self) -> ClipWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        """Let the writes in flight finish; after a clean run, raise any write's error or a clip left open."""
+        self.pool.shutdown(wait=True)
+        if exc_type is not None:
+            return
+        for future in self.in_flight:
+            future.result()
+        if self.open_clips:
+            raise FeatstoreError(f"clips {', '.join(self.open_clips)} were not completely written")
+
+    def _open(self, clip: str, batch: FrameBatch, host: dict[str, np.ndarray]) -> ClipProgress:
+        frame_size = (int(batch.pixels.shape[2]), int(batch.pixels.shape[3]))
+        state = ClipProgress(
+            ClipArrays(
+                self.group,
+                clip,
+                len(self.by_clip[clip]),
+                {layer: (v.shape[1], v.shape[2], v.shape[3]) for layer, v in host.items()},
+                self.dtype,
+                frame_size if self.with_masks else None,
+                _clip_attrs(self.by_clip[clip]),
+            )
+        )
+        self.open_clips[clip] = state
+        return state
+
+    def _mark_done(self, clip: str) -> None:
+        state = self.open_clips.pop(clip)
+        for future in state.futures:
+            future.result()
+        shapes = {layer: list(a.shape) for layer, a in state.arrays.features.items()}
+        write_json_atomic(self.done_dir / f"{clip}.json", {"clip": clip, "shapes": shapes})
+
+
 def featurize_clips(
     extractor: FeatureExtractor,
     dataset: Dataset,
@@ -256,67 +330,21 @@ def featurize_clips(
     if not records:
         return 0
     device = next(iter(extractor.parameters()), torch.empty(0)).device
-    group = open_group(group_path)
-    (scratch / DONE_DIR).mkdir(parents=True, exist_ok=True)
-    with_masks = dataset.has_annotations
-    open_clips: dict[str, ClipProgress] = {}
-    stream = FrameStream(records, batch_size, device, with_masks=with_masks)
+    stream = FrameStream(records, batch_size, device, with_masks=dataset.has_annotations)
+    threads = min(8, max(2, (os.cpu_count() or 2) // 2))
     bar = tqdm(total=len(records), unit="frame", desc="featurize", disable=not progress, file=sys.stderr)
-    writers = min(8, max(2, (os.cpu_count() or 2) // 2))
-    max_pending = 2 * writers
-
-    def mark_done(clip: str) -> None:
-        state = open_clips.pop(clip)
-        for future in state.futures:
-            future.result()
-        shapes = {layer: list(a.shape) for layer, a in state.arrays.features.items()}
-        write_json_atomic(scratch / DONE_DIR / f"{clip}.json", {"clip": clip, "shapes": shapes})
-
-    with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="featstore-write") as writer:
-        in_flight: list[Future] = []
-
-        def store_batch(batch: FrameBatch, copy: HostCopy) -> None:
-            host = copy.arrays()
-            for clip, lo, hi in _clip_runs(batch.records):
-                if clip not in open_clips:
-                    frame_size = (int(batch.pixels.shape[2]), int(batch.pixels.shape[3]))
-                    open_clips[clip] = ClipProgress(
-                        ClipArrays(
-                            group,
-                            clip,
-                            len(by_clip[clip]),
-                            {layer: (v.shape[1], v.shape[2], v.shape[3]) for layer, v in host.items()},
-                            dtype,
-                            frame_size if with_masks else None,
-                            _clip_attrs(by_clip[clip]),
-                        )
-                    )
-                state = open_clips[clip]
-                state.append({layer: v[lo:hi] for layer, v in host.items()},
-                             batch.masks[lo:hi] if batch.masks is not None else None)
-                while n := state.next_span():
-                    future = writer.submit(state.arrays.write, *state.take(n))
-                    state.futures.append(future)
-                    in_flight.append(future)
-                    while len(in_flight) > max_pending:
-                        in_flight.pop(0).result()
-                if state.written == state.arrays.n_frames:
-                    mark_done(clip)
-            bar.update(len(batch.records))
-
+    with ClipWriter(open_group(group_path), dataset, scratch, dtype, threads) as writer:
         previous: tuple[FrameBatch, HostCopy] | None = None
         for batch in stream:
             copy = HostCopy(extractor.extract(batch.pixels))
-            if previous is not None:
-                store_batch(*previous)  # on CUDA, while the device runs this batch
+            if previous is not None:  # on CUDA, while the device runs this batch
+                writer.add(previous[0], previous[1].arrays())
+                bar.update(len(previous[0].records))
             previous = (batch, copy)
         if previous is not None:
-            store_batch(*previous)
-        for future in in_flight:
-            future.result()
+            writer.add(previous[0], previous[1].arrays())
+            bar.update(len(previous[0].records))
     bar.close()
-    if open_clips:
-        raise FeatstoreError(f"clips {', '.join(open_clips)} were not completely written")
     return len(records)
 
 
