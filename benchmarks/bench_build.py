@@ -104,14 +104,17 @@ def run_floor(paths: list[Path], backbone: str, device: torch.device, batch_size
     return len(paths) / (time.perf_counter() - started)
 
 
-def run_build(data: Path, backbone: str, device: str, batch_size: int, store_root: Path) -> tuple[float, float]:
-    """Returns (wall-clock frames/s of the whole command, the job's own featurize frames/s)."""
+def run_build(
+    data: Path, backbone: str, device: str, batch_size: int, store_root: Path
+) -> tuple[float, float, dict[str, float]]:
+    """Returns wall-clock frames/s of the whole command, the job's own featurize frames/s, and the seconds
+    its loop spent per stage (waiting for frames, forward, waiting for the device, waiting for writers)."""
     started = time.perf_counter()
     result = build_features(Store(store_root), backbone, data, weights="random", batch_size=batch_size,
                             device=device, progress=False)
     wall = time.perf_counter() - started
     assert not result.cached
-    return result.frames / wall, result.fps
+    return result.frames / wall, result.fps, dict(result.record.metadata["stage_seconds"])
 
 
 def main() -> None:
@@ -138,8 +141,9 @@ def main() -> None:
         # warm-up build on a few frames so one-off costs (cuDNN autotune, allocator) hit no one run
         build_features(Store(work / "warm"), args.backbone, tiled_dataset(args.data, 1, 8, work / "w"),
                        weights="random", batch_size=args.batch_size, device=args.device, progress=False)
-        figures["build_fps"], figures["build_job_fps"] = run_build(data, args.backbone, args.device,
-                                                                    args.batch_size, work / "store")
+        figures["build_fps"], figures["build_job_fps"], stages = run_build(
+            data, args.backbone, args.device, args.batch_size, work / "store"
+        )
         figures["floor_fps"] = run_floor(paths, args.backbone, device, args.batch_size)
         if not args.skip_naive:
             figures["naive_fps"] = run_naive(paths, args.backbone, device, work / "naive.npy")
@@ -149,8 +153,14 @@ def main() -> None:
     if "naive_fps" in figures:
         print(f"build / naive                {figures['build_fps'] / figures['naive_fps']:9.2f}x")
     print(f"floor / build                {figures['floor_fps'] / figures['build_fps']:9.2f}x  (1.0 = as fast as the bare forward)")
+    job_seconds = len(paths) / figures["build_job_fps"]
+    print("build loop's time             " + ", ".join(
+        f"{stage} {100 * sec / job_seconds:.0f}%" for stage, sec in stages.items()
+    ) + "  (frames: waiting for decode; device: for the GPU; writers: for compression and writes)")
     if args.json:
-        args.json.write_text(json.dumps({"frames": len(paths), "device": str(device), **figures}, indent=2))
+        args.json.write_text(json.dumps(
+            {"frames": len(paths), "device": str(device), **figures, "stage_seconds": stages}, indent=2
+        ))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +198,34 @@ class ClipProgress:
         return start, {layer: v[:n] for layer, v in feats.items()}, masks[:n] if masks is not None else None
 
 
+STAGES = ("frames", "forward", "device", "writers")
+
+
+@dataclass
+class StageClock:
+    """Seconds the featurize loop spent in, or waiting on, each stage: where a build's time goes.
+
+    ``frames``: waiting for decoded batches; ``forward``: the backbone call (compute on the CPU, kernel
+    launches on CUDA); ``device``: waiting for features to reach the host (the GPU still computing);
+    ``writers``: waiting for compression and writes to catch up. The rest is buffering.
+    """
+
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+
+    @contextlib.contextmanager
+    def timing(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - started
+
+    def describe(self, total: float) -> str:
+        """One line of shares of ``total`` seconds, e.g. ``frames 12%, forward 70%, ...``."""
+        shares = {**self.seconds, "other": max(0.0, total - sum(self.seconds.values()))}
+        return ", ".join(f"{stage} {100 * sec / total:.0f}%" for stage, sec in shares.items()) if total > 0 else ""
+
+
 class HostCopy:
     """A batch's features on their way to host memory.
 
@@ -243,8 +271,11 @@ class ClipWriter:
     every one of its chunks is on disk, so a killed run resumes from exactly the finished clips.
     """
 
-    def __init__(self, group: zarr.Group, dataset: Dataset, scratch: Path, dtype: str, threads: int) -> None:
+    def __init__(
+        self, group: zarr.Group, dataset: Dataset, scratch: Path, dtype: str, threads: int, clock: StageClock
+    ) -> None:
         self.group = group
+        self.clock = clock
         self.by_clip = dataset.clips()
         self.with_masks = dataset.has_annotations
         self.done_dir = scratch / DONE_DIR
@@ -268,7 +299,8 @@ class ClipWriter:
                 state.futures.append(future)
                 self.in_flight.append(future)
                 while len(self.in_flight) > self.max_pending:
-                    self.in_flight.pop(0).result()
+                    with self.clock.timing("writers"):
+                        self.in_flight.pop(0).result()
             if state.written == state.arrays.n_frames:
                 self._mark_done(clip)
 
@@ -277,7 +309,8 @@ class ClipWriter:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         """Let the writes in flight finish; after a clean run, raise any write's error or a clip left open."""
-        self.pool.shutdown(wait=True)
+        with self.clock.timing("writers"):
+            self.pool.shutdown(wait=True)
         if exc_type is not None:
             return
         for future in self.in_flight:
@@ -303,8 +336,9 @@ class ClipWriter:
 
     def _mark_done(self, clip: str) -> None:
         state = self.open_clips.pop(clip)
-        for future in state.futures:
-            future.result()
+        with self.clock.timing("writers"):
+            for future in state.futures:
+                future.result()
         shapes = {layer: list(a.shape) for layer, a in state.arrays.features.items()}
         write_json_atomic(self.done_dir / f"{clip}.json", {"clip": clip, "shapes": shapes})
 
@@ -319,12 +353,15 @@ def featurize_clips(
     dtype: str,
     batch_size: int,
     progress: bool = True,
+    clock: StageClock | None = None,
 ) -> int:
     """Compute and write the arrays of ``clips``; mark each clip done once all its chunks are on disk.
 
     Memory stays bounded: a few decoded batches ahead, one batch of features on its way to the host, at
-    most one chunk per clip buffered, and a few writes in flight. Returns the number of frames computed.
+    most one chunk per clip buffered, and a few writes in flight. Returns the number of frames computed;
+    ``clock``, when given, collects where the time went.
     """
+    clock = clock if clock is not None else StageClock()
     by_clip = dataset.clips()
     records = [r for clip in clips for r in by_clip[clip]]
     if not records:
@@ -333,17 +370,27 @@ def featurize_clips(
     stream = FrameStream(records, batch_size, device, with_masks=dataset.has_annotations)
     threads = min(8, max(2, (os.cpu_count() or 2) // 2))
     bar = tqdm(total=len(records), unit="frame", desc="featurize", disable=not progress, file=sys.stderr)
-    with ClipWriter(open_group(group_path), dataset, scratch, dtype, threads) as writer:
+    def hand_over(batch: FrameBatch, copy: HostCopy) -> None:
+        with clock.timing("device"):
+            host = copy.arrays()
+        writer.add(batch, host)
+        bar.update(len(batch.records))
+
+    with ClipWriter(open_group(group_path), dataset, scratch, dtype, threads, clock) as writer:
+        batches = iter(stream)
         previous: tuple[FrameBatch, HostCopy] | None = None
-        for batch in stream:
-            copy = HostCopy(extractor.extract(batch.pixels))
+        while True:
+            with clock.timing("frames"):
+                batch = next(batches, None)
+            if batch is None:
+                break
+            with clock.timing("forward"):
+                copy = HostCopy(extractor.extract(batch.pixels))
             if previous is not None:  # on CUDA, while the device runs this batch
-                writer.add(previous[0], previous[1].arrays())
-                bar.update(len(previous[0].records))
+                hand_over(*previous)
             previous = (batch, copy)
         if previous is not None:
-            writer.add(previous[0], previous[1].arrays())
-            bar.update(len(previous[0].records))
+            hand_over(*previous)
     bar.close()
     return len(records)
 
@@ -407,9 +454,15 @@ def _result(store: Store, record: ArtifactRecord, cached: bool) -> BuildResult:
 
 
 def commit_build(
-    plan: BuildPlan, staging: Staging, dataset_record: ArtifactRecord, extractor: FeatureExtractor, *, fps: float
+    plan: BuildPlan,
+    staging: Staging,
+    dataset_record: ArtifactRecord,
+    extractor: FeatureExtractor,
+    *,
+    fps: float,
+    stage_seconds: dict[str, float] | None = None,
 ) -> ArtifactRecord:
-    """Publish the staged group once every clip is marked done."""
+    """Publish the staged group once every clip is marked done; ``stage_seconds`` come from a ``StageClock``."""
     scratch = staging.scratch
     done = finished_clips(scratch)
     missing = sorted(set(plan.dataset.clips()) - done)
@@ -449,6 +502,7 @@ def commit_build(
         "feature_shape": {layer: list(s) for layer, s in shapes.items()},
         "bytes": nbytes,
         "fps": fps,
+        "stage_seconds": stage_seconds or {},
     }
     return staging.commit(parents=[dataset_record.ref], metadata=metadata)
 
@@ -556,6 +610,7 @@ def _build_uncached(
         group_path = staging.path / GROUP_DIR
         open_group(group_path)
         started = time.perf_counter()
+        clock: StageClock | None = None
         if scheduler:
             from jobs.distributed import featurize_on_dask
 
@@ -563,11 +618,16 @@ def _build_uncached(
                                        batch_size=batch_size, device=device, progress=progress)
         else:
             extractor = extractor.to(torch_device).eval()
+            clock = StageClock()
             frames = featurize_clips(
                 extractor, plan.dataset, todo, group_path, staging.scratch,
-                dtype=dtype, batch_size=batch_size, progress=progress,
+                dtype=dtype, batch_size=batch_size, progress=progress, clock=clock,
             )
         elapsed = time.perf_counter() - started
         fps = frames / elapsed if frames and elapsed > 0 else 0.0
-        record = commit_build(plan, staging, dataset_record, extractor, fps=fps)
+        if clock is not None and progress and frames:
+            print(f"featstore: featurized {frames} frames in {elapsed:.1f} s ({fps:.1f} frames/s); time spent: "
+                  f"{clock.describe(elapsed)}", file=sys.stderr)
+        stages = {stage: round(sec, 3) for stage, sec in clock.seconds.items()} if clock is not None else {}
+        record = commit_build(plan, staging, dataset_record, extractor, fps=fps, stage_seconds=stages)
     return _result(store, record, cached=False)

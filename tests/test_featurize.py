@@ -48,6 +48,17 @@ def test_build_writes_features_masks_and_lineage(tmp_path: Path, small_davis: Pa
     assert again.cached and again.ref == result.ref, "same inputs: same reference, nothing computed"
 
 
+def test_build_reports_where_its_time_went(tmp_path: Path, small_davis: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    store = Store(tmp_path / "store")
+    result = build_features(store, "tiny", small_davis, weights="random", batch_size=4, device="cpu", progress=True)
+    stages = result.record.metadata["stage_seconds"]
+    assert set(stages) == {"frames", "forward", "device", "writers"}
+    assert all(seconds >= 0 for seconds in stages.values()) and stages["forward"] > 0
+    assert sum(stages.values()) <= result.frames / result.fps * 1.01 + 1e-3, "parts of the loop, not more"
+    assert "time spent: frames" in capsys.readouterr().err
+
+
 def test_chunks_hold_about_a_megabyte_and_are_frame_aligned(tmp_path: Path, small_davis: Path) -> None:
     store = Store(tmp_path / "store")
     result = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
