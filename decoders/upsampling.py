@@ -4,7 +4,8 @@ Heads predict at stride 8-32 and are scored at full resolution, so every trainin
 up to 32x and back-propagates through that. ``F.interpolate``'s CPU backward scatters into the input one
 output pixel at a time and was the largest single cost of a linear head's step; bilinear interpolation
 is separable and linear, so it is exactly ``A_h @ x @ A_w.T`` with fixed interpolation matrices, whose
-forward and backward are both dense matmuls (BLAS on the CPU, tensor cores on CUDA).
+forward and backward are both dense matmuls (BLAS on the CPU, tensor cores on CUDA). ``Decoder.forward``
+resizes with ``resize_bilinear``; the training loss applies the same matrices a few frames at a time.
 """
 
 from __future__ import annotations
