@@ -29,7 +29,7 @@ from torchvision import transforms
 from featstore.backbones import create_backbone
 from featstore.datasets import load_dataset
 from featstore.store import Store
-from jobs.featurize import build_features, resolve_device
+from jobs.featurize import StageClock, build_features, resolve_device
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "davis2016-dev"
 
@@ -154,9 +154,8 @@ def main() -> None:
         print(f"build / naive                {figures['build_fps'] / figures['naive_fps']:9.2f}x")
     print(f"floor / build                {figures['floor_fps'] / figures['build_fps']:9.2f}x  (1.0 = as fast as the bare forward)")
     job_seconds = len(paths) / figures["build_job_fps"]
-    print("build loop's time             " + ", ".join(
-        f"{stage} {100 * sec / job_seconds:.0f}%" for stage, sec in stages.items()
-    ) + "  (frames: waiting for decode; device: for the GPU; writers: for compression and writes)")
+    print(f"build loop's time            {StageClock(seconds=stages).describe(job_seconds)}"
+          "  (frames: waiting for decode; device: for the GPU; writers: for compression and writes)")
     if args.json:
         args.json.write_text(json.dumps(
             {"frames": len(paths), "device": str(device), **figures, "stage_seconds": stages}, indent=2
