@@ -1,8 +1,8 @@
 """Decoded frames in batches, read ahead of the consumer so JPEG decoding overlaps backbone compute.
 
-On CUDA the file bytes are read by threads and decoded on the GPU (nvJPEG through
-``torchvision.io.decode_jpeg``); on the CPU worker threads decode with PIL, which releases the GIL.
-Only a bounded number of batches is ever in flight, whatever the dataset's size.
+On CUDA threads read the JPEG bytes and the GPU decodes them (nvJPEG through ``torchvision.io.decode_jpeg``)
+on a stream of its own; other formats, and on the CPU every frame, are decoded by PIL on worker threads,
+which releases the GIL. Only a bounded number of batches is ever in flight, whatever the dataset's size.
 """
 
 from __future__ import annotations
@@ -43,6 +43,10 @@ def _load_cpu(record: FrameRecord) -> torch.Tensor:
     return torch.from_numpy(read_frame(record.raw))
 
 
+def _is_jpeg(record: FrameRecord) -> bool:
+    return record.raw.suffix.lower() in (".jpg", ".jpeg")
+
+
 def _read_annotation(record: FrameRecord) -> np.ndarray:
     if record.annotation is None:
         raise DatasetError(f"frame {record.raw} has no mask, but its dataset was read as annotated")
@@ -66,7 +70,11 @@ def _check_mask(record: FrameRecord, mask: np.ndarray, size: tuple[int, int]) ->
 
 
 class FrameStream:
-    """Iterate ``FrameBatch`` es over ``records``, decoding up to ``prefetch`` batches ahead."""
+    """Iterate ``FrameBatch`` es over ``records``, decoding up to ``prefetch`` batches ahead.
+
+    ``decode_on_device`` decodes JPEGs with torchvision on ``device`` (nvJPEG on CUDA, where it is the
+    default) instead of PIL on threads.
+    """
 
     def __init__(
         self,
@@ -77,6 +85,7 @@ class FrameStream:
         with_masks: bool,
         prefetch: int = 2,
         workers: int | None = None,
+        decode_on_device: bool | None = None,
     ) -> None:
         self.records = list(records)
         self.batch_size = batch_size
@@ -84,25 +93,61 @@ class FrameStream:
         self.with_masks = with_masks
         self.prefetch = prefetch
         self.workers = workers or min(8, max(2, os.cpu_count() or 2))
-        self._gpu_decode = device.type == "cuda"
+        self.decode_on_device = device.type == "cuda" if decode_on_device is None else decode_on_device
+        # nvJPEG writes on a stream of its own into memory allocated on the caller's current stream, and
+        # never waits for that stream: memory the backbone freed, with kernels still queued on it, could be
+        # overwritten. Decoding with a dedicated stream current gives the outputs memory of their own.
+        self._decode_stream = torch.cuda.Stream(device) if self.decode_on_device and device.type == "cuda" else None
 
     def _decode_batch(self, pool: ThreadPoolExecutor, batch: list[FrameRecord]) -> _Pending:
-        loader = _read_bytes if self._gpu_decode else _load_cpu
-        frames = [pool.submit(loader, r) for r in batch]
+        frames = [
+            pool.submit(_read_bytes if self.decode_on_device and _is_jpeg(r) else _load_cpu, r) for r in batch
+        ]
         masks = [pool.submit(_read_annotation, r) for r in batch] if self.with_masks else []
         return _Pending(batch, frames, masks)
 
+    def _on_device(self, image: torch.Tensor) -> torch.Tensor:
+        """A PIL-decoded ``(H, W, 3)`` frame as ``(3, H, W)`` on the device, like nvJPEG's output."""
+        planar = image.permute(2, 0, 1)
+        if self.device.type != "cuda":
+            return planar
+        return planar.pin_memory().to(self.device, non_blocking=True)
+
+    def _decode_jpegs(self, records: list[FrameRecord], encoded: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The JPEGs of a batch decoded in one call on the device, as RGB whatever their colour model.
+
+        A file nvJPEG refuses is decoded by PIL instead, which names the file if it is broken.
+        """
+        mode = torchvision.io.ImageReadMode.RGB
+        try:
+            if self._decode_stream is None:
+                return list(torchvision.io.decode_jpeg(encoded, mode=mode, device=self.device))
+            with torch.cuda.stream(self._decode_stream):
+                images = list(torchvision.io.decode_jpeg(encoded, mode=mode, device=self.device))
+        except RuntimeError:
+            return [self._on_device(_load_cpu(r)) for r in records]
+        consumer = torch.cuda.current_stream(self.device)
+        consumer.wait_stream(self._decode_stream)
+        for image in images:
+            image.record_stream(consumer)
+        return images
+
+    def _images(self, pending: _Pending) -> list[torch.Tensor]:
+        loaded = [f.result() for f in pending.frames]
+        if not self.decode_on_device:
+            return loaded
+        records = pending.records
+        images = [data if _is_jpeg(r) else self._on_device(data) for r, data in zip(records, loaded, strict=True)]
+        jpegs = [i for i, r in enumerate(records) if _is_jpeg(r)]
+        if jpegs:
+            decoded = self._decode_jpegs([records[i] for i in jpegs], [loaded[i] for i in jpegs])
+            for i, image in zip(jpegs, decoded, strict=True):
+                images[i] = image
+        return images
+
     def _finish(self, pending: _Pending) -> list[FrameBatch]:
         batch = pending.records
-        if self._gpu_decode:
-            encoded = [f.result() for f in pending.frames]
-            if all(r.raw.suffix.lower() in (".jpg", ".jpeg") for r in batch):
-                images = list(torchvision.io.decode_jpeg(encoded, device=self.device))
-            else:
-                images = [torchvision.io.decode_image(e).to(self.device) for e in encoded]
-            images = [img if img.shape[0] == 3 else img.expand(3, -1, -1) for img in images]
-        else:
-            images = [f.result() for f in pending.frames]
+        images = self._images(pending)
         masks_by_record = [f.result() for f in pending.masks] if self.with_masks else None
         # Batches may span clips; frames of different sizes go into separate sub-batches.
         groups: list[tuple[list[FrameRecord], list[torch.Tensor]]] = []
@@ -115,9 +160,9 @@ class FrameStream:
         out = []
         start = 0
         for records, group in groups:
-            # CPU frames decode interleaved (H, W, 3): stacking them is a plain copy and the permuted view
-            # is already the channels-last batch the backbone runs on, so no transposing copy is made.
-            pixels = torch.stack(group) if self._gpu_decode else torch.stack(group).permute(0, 3, 1, 2)
+            # PIL decodes interleaved (H, W, 3): stacking is a plain copy and the permuted view is already
+            # the channels-last batch the backbone runs on, so no transposing copy is made.
+            pixels = torch.stack(group) if self.decode_on_device else torch.stack(group).permute(0, 3, 1, 2)
             masks = None
             if masks_by_record is not None:
                 size = (int(pixels.shape[2]), int(pixels.shape[3]))
