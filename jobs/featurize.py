@@ -47,18 +47,34 @@ DONE_DIR = "done"
 EXTRACTION_VERSION = 2
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` is CUDA when present, else the CPU; an explicit CUDA request without CUDA is an error."""
+def parse_device(device: str) -> torch.device | None:
+    """The device ``device`` names (``None`` for ``auto``), without asking whether this machine has it."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return None
     try:
-        resolved = torch.device(device)
+        parsed = torch.device(device)
     except RuntimeError as exc:
         raise FeatstoreError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N") from exc
+    if parsed.type not in ("cpu", "cuda"):
+        raise FeatstoreError(f"--device {device!r}: featstore runs on cpu, cuda or cuda:N")
+    return parsed
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is CUDA when present, else the CPU; an explicit CUDA request without CUDA is an error.
+
+    ``cuda:N`` also becomes the current CUDA device, so the streams and events that work on the current
+    device (nvJPEG's, the copies to the host, the training clocks) are those of GPU N.
+    """
+    resolved = parse_device(device)
+    if resolved is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise FeatstoreError(f"--device {device} asks for CUDA but torch sees no GPU: use --device cpu or auto")
-    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise FeatstoreError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible")
+    if resolved.type == "cuda" and resolved.index is not None:
+        if resolved.index >= torch.cuda.device_count():
+            raise FeatstoreError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible")
+        torch.cuda.set_device(resolved)
     return resolved
 
 
@@ -238,7 +254,7 @@ class HostCopy:
         self.values = {layer: v.to("cpu", non_blocking=True) for layer, v in outputs.items()}
         self.ready: torch.cuda.Event | None = None
         if any(v.is_cuda for v in outputs.values()):
-            self.ready = torch.cuda.Event()
+            self.ready = torch.cuda.Event(blocking=True)  # the waiting thread sleeps instead of spinning a core
             self.ready.record()
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -531,12 +547,14 @@ def build_features(
     """Featurize a dataset into a committed artifact; the same inputs again are a cache hit."""
     if batch_size < 1:
         raise FeatstoreError(f"--batch-size {batch_size} must be at least 1")
-    torch_device = resolve_device(device)
+    # With a scheduler each dask worker resolves the device: the client may have no GPU at all.
+    chosen = parse_device(device) if scheduler else resolve_device(device)
     plan, extractor = prepare_build(store, backbone, data, weights=weights, layers=layers, dtype=dtype, seed=seed)
     config = {"backbone": backbone, "weights": weights, "layers": list(plan.layers), "dtype": dtype,
-              "batch_size": batch_size, "device": str(torch_device), "scheduler": scheduler, "key": plan.key}
+              "batch_size": batch_size, "device": str(chosen or device), "scheduler": scheduler,
+              "key": plan.key}
     with WandbJob("featurize", config, enabled=wandb_requested(wandb), store=store) as job:
-        result = _build(plan, extractor, torch_device, batch_size=batch_size, device=device,
+        result = _build(plan, extractor, batch_size=batch_size, device=device,
                         scheduler=scheduler, progress=progress)
         job.log(result.record)
         job.log_metrics({"frames": result.frames, "fps": result.fps, "bytes": result.bytes,
@@ -547,7 +565,6 @@ def build_features(
 def _build(
     plan: BuildPlan,
     extractor: FeatureExtractor,
-    torch_device: torch.device,
     *,
     batch_size: int,
     device: str,
@@ -559,7 +576,7 @@ def _build(
     if cached is not None:
         return _result(store, cached, cached=True)
     try:
-        return _build_uncached(plan, extractor, torch_device, batch_size=batch_size, device=device,
+        return _build_uncached(plan, extractor, batch_size=batch_size, device=device,
                                scheduler=scheduler, progress=progress)
     except OSError as exc:  # a full disk or unwritable store surfaces from zarr's writes as a bare OSError
         if exc.errno is None:  # not a filesystem error (dask's closed connections are OSErrors too)
@@ -589,7 +606,6 @@ def _settle_zarr_writes(timeout: float = 10.0) -> None:
 def _build_uncached(
     plan: BuildPlan,
     extractor: FeatureExtractor,
-    torch_device: torch.device,
     *,
     batch_size: int,
     device: str,
@@ -617,7 +633,7 @@ def _build_uncached(
             frames = featurize_on_dask(plan, todo, group_path, staging.scratch, scheduler=scheduler,
                                        batch_size=batch_size, device=device, progress=progress)
         else:
-            extractor = extractor.to(torch_device).eval()
+            extractor = extractor.to(resolve_device(device)).eval()
             clock = StageClock()
             frames = featurize_clips(
                 extractor, plan.dataset, todo, group_path, staging.scratch,

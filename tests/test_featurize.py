@@ -13,10 +13,10 @@ import zarr
 from featstore.backbones import create_backbone
 from featstore.cli import main
 from featstore.datasets import load_dataset, read_frame
-from featstore.errors import DatasetError, StoreError
+from featstore.errors import DatasetError, FeatstoreError, StoreError
 from featstore.features import open_features
 from featstore.store import Store
-from jobs.featurize import build_features, featurize_clips, finished_clips, prepare_build
+from jobs.featurize import build_features, featurize_clips, finished_clips, prepare_build, resolve_device
 
 
 def test_build_writes_features_masks_and_lineage(tmp_path: Path, small_davis: Path) -> None:
@@ -210,3 +210,22 @@ def test_cuda_build_matches_the_cpu_build(tmp_path: Path, small_davis: Path) -> 
             want, have = expected.read(clip, layer).float(), got.read(clip, layer).float()
             assert have.shape == want.shape
             assert float((have - want).norm() / want.norm()) < 5e-2, (clip, layer)
+
+
+@pytest.mark.parametrize("device", ["gpu", "mps", "cuda:x"])
+def test_a_device_featstore_cannot_use_is_refused_before_any_work(tmp_path: Path, small_davis: Path,
+                                                                   device: str) -> None:
+    store = Store(tmp_path / "store")
+    with pytest.raises(FeatstoreError, match=f"--device '{device}'"):
+        build_features(store, "tiny", small_davis, weights="random", device=device, progress=False)
+    with pytest.raises(FeatstoreError, match=f"--device '{device}'"):
+        build_features(store, "tiny", small_davis, weights="random", device=device, scheduler="local:1",
+                       progress=False)
+    assert store.list() == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
+def test_cuda_without_a_gpu_is_an_error_that_says_what_to_use() -> None:
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(FeatstoreError, match="torch sees no GPU: use --device cpu or auto"):
+        resolve_device("cuda:0")
