@@ -213,8 +213,8 @@ class HeadClock:
 
 def build_head(config: HeadConfig, channels: dict[str, int], strides: dict[str, int], seed: int) -> Decoder:
     """A head initialised from ``config.init_seed(seed)``, leaving the global random state untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.init_seed(seed))
+    with torch.random.fork_rng(devices=[]):  # reseeds the CPU generator only, the one heads draw from
+        torch.default_generator.manual_seed(config.init_seed(seed))
         return create_decoder(config.decoder, channels, strides, **config.options)
 
 
@@ -354,8 +354,8 @@ def train_heads(
                     losses[u] = unit.step(features, gathered, masks)
                     clock.stop(u)
                 bar.update(1)
-                if progress and bar.n % 10 == 0:
-                    bar.set_postfix(loss=f"{float(torch.cat(losses).min()):.3f}")
+            if progress:  # once an epoch: reading the loss waits for the GPU
+                bar.set_postfix(loss=f"{float(torch.cat(losses).min()):.3f}")
         bar.close()
         for unit in units:
             unit.finish()

@@ -19,7 +19,7 @@ from decoders import (
     segmentation_loss,
     train_heads,
 )
-from decoders.training import recalibrate_batchnorm
+from decoders.training import build_head, recalibrate_batchnorm
 from featstore.errors import FeatstoreError
 from featstore.metrics import ContestScore
 
@@ -306,3 +306,25 @@ def test_training_on_cuda_keeps_features_on_the_device() -> None:
     assert linear.train_seconds > 0, "CUDA events time each stepper's own steps"
     (alone,) = train_heads(train, val, configs[:1], epochs=8, progress=False, stack=False)
     assert alone.val is not None and abs(alone.val.mean_iou - head.val.mean_iou) < 0.05
+
+
+def test_a_head_is_drawn_from_its_seed_alone() -> None:
+    state = torch.get_rng_state()
+    first = build_head(HeadConfig("conv"), {"x": 4}, {"x": 8}, seed=123)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.rand(5)
+    again = build_head(HeadConfig("conv"), {"x": 4}, {"x": 8}, seed=123)
+    other = build_head(HeadConfig("conv"), {"x": 4}, {"x": 8}, seed=124)
+    for name, weight in first.state_dict().items():
+        assert torch.equal(weight, again.state_dict()[name]), name
+    assert not all(torch.equal(w, other.state_dict()[n]) for n, w in first.state_dict().items())
+
+
+@pytest.mark.gpu
+def test_building_a_head_leaves_the_cuda_random_state_alone() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    cpu_state, cuda_state = torch.get_rng_state(), torch.cuda.get_rng_state()
+    build_head(HeadConfig("linear"), {"x": 4}, {"x": 8}, seed=123)
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+    assert torch.equal(torch.cuda.get_rng_state(), cuda_state)

@@ -35,9 +35,10 @@ def create_backbone(
     selected = select_layers(definition, name, layers)
     if weights not in ("imagenet", "random"):
         state = read_state_dict(Path(weights).expanduser())  # fail on a bad file before building anything
-    # Seed without disturbing the caller's RNG stream.
+    # Seed without disturbing the caller's RNG stream: the weights are drawn on the CPU, and
+    # torch.manual_seed would also reseed every GPU's generator, which fork_rng(devices=[]) does not restore.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         body = definition.build(selected, pretrained=weights == "imagenet")
     if weights not in ("imagenet", "random"):
         load_into(body, state, weights)
