@@ -4,7 +4,9 @@ Heads that differ only in initial weights and optimisation (learning rate, weigh
 same kernels on the same batch; stacking their weights along a leading head dimension and mapping the
 forward over it with ``torch.func.vmap`` turns K launch sequences per step into one, for GPUs, where small
 heads wait on launches. On the CPU there is nothing to save that way, and vmap's grouped convolutions run
-slower than K plain ones. Head i's forward, loss gradient and AdamW update equal what it would get alone.
+slower than K plain ones. Head i's forward, loss gradient and AdamW update equal what it would get alone,
+in float32: autocast does not reach the mapped convolutions, so where a single head runs under bfloat16
+autocast on CUDA, a stacked one runs in float32 (TF32 convolutions).
 """
 
 from __future__ import annotations

@@ -48,7 +48,11 @@ _WORKER_BACKBONES: dict[tuple[Any, ...], FeatureExtractor] = {}
 
 
 def _worker_device(requested: str) -> torch.device:
-    """The worker's own device; a GPU worker sees only its GPU (``CUDA_VISIBLE_DEVICES`` per worker)."""
+    """The worker's device, resolved where it runs.
+
+    ``auto`` and ``cuda`` mean the worker's current GPU: start one worker per GPU, each seeing only its own
+    (``CUDA_VISIBLE_DEVICES``), as the README shows. The workers of ``local:N`` all share the current GPU.
+    """
     from jobs.featurize import resolve_device
 
     return resolve_device(requested)
