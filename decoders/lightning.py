@@ -22,6 +22,7 @@ from decoders.host_allocator import reuse_freed_memory
 from decoders.training import (
     HeadConfig,
     build_head,
+    check_disjoint,
     evaluate,
     holdout_split,
     lr_factor,
@@ -107,9 +108,9 @@ class FeatureDataModule(pl.LightningDataModule):
         artifact = self._open(self.ref, verify=False)
         if self.val_ref is not None:
             train_clips, val_clips = list(artifact.clips), None
-            self.val_features = DeviceFeatures.from_artifact(
-                self._open(self.val_ref, verify=False), None, device
-            )
+            val_artifact = self._open(self.val_ref, verify=False)
+            check_disjoint(artifact.record.ref, train_clips, val_artifact.record.ref, val_artifact.clips)
+            self.val_features = DeviceFeatures.from_artifact(val_artifact, None, device)
         else:
             train_clips, val_clips = holdout_split(artifact.clips, self.holdout_fraction, self.seed)
         self.train_features = DeviceFeatures.from_artifact(artifact, train_clips, device)

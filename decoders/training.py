@@ -422,9 +422,21 @@ def holdout_split(clips: Sequence[str], fraction: float, seed: int) -> tuple[lis
     if n_val >= len(names):
         raise FeatstoreError(
             f"--holdout-fraction {fraction} of {len(names)} clip(s) leaves no clip to train on: "
-            "use a smaller fraction or more clips (or pass --val-features)"
+            "use a smaller fraction or more clips"
         )
     shuffled = names.copy()
     random.Random(seed).shuffle(shuffled)
     val = sorted(shuffled[:n_val])
     return [c for c in names if c not in val], val
+
+
+def check_disjoint(train_ref: str, train_clips: Sequence[str], val_ref: str, val_clips: Sequence[str]) -> None:
+    """Refuse validation features that share clips with the training features: validation is by clip."""
+    shared = sorted(set(train_clips) & set(val_clips))
+    if shared:
+        listed = ", ".join(shared[:5]) + (", ..." if len(shared) > 5 else "")
+        raise FeatstoreError(
+            f"validation features {val_ref} share {len(shared)} clip(s) with training features {train_ref} "
+            f"({listed}): validation would score frames the heads trained on; pass features of other clips, "
+            "or split one artifact by clip with --holdout-fraction"
+        )

@@ -25,7 +25,7 @@ from decoders import (
     train_heads,
 )
 from decoders._registry import create_decoder
-from decoders.training import build_head
+from decoders.training import build_head, check_disjoint
 from featstore.accounting import CONTEST_FRAME, check_budget
 from featstore.errors import FeatstoreError
 from featstore.features import FeatureArtifact, open_features
@@ -121,6 +121,8 @@ def train_decoders(
     """Train one head per grid point on device-resident features; commit the best on validation clips."""
     if batch_size < 1:
         raise FeatstoreError(f"--batch-size {batch_size} must be at least 1")
+    if epochs < 1:
+        raise FeatstoreError(f"--epochs {epochs} must be at least 1")
     if budget < 1:
         raise FeatstoreError(f"--budget {budget} must be a positive number of parameters")
     decoders = list(decoders or [DEFAULT_DECODER])
@@ -141,6 +143,7 @@ def train_decoders(
     if val_artifact is not None:
         _check_compatible(artifact, val_artifact)
         train_clips, val_clips = list(artifact.clips), list(val_artifact.clips)
+        check_disjoint(artifact.record.ref, train_clips, val_artifact.record.ref, val_clips)
         split: dict[str, Any] = {"val_features": val_artifact.record.ref}
     else:
         train_clips, val_clips = holdout_split(artifact.clips, holdout_fraction, seed)

@@ -66,6 +66,11 @@ def test_validation_features_must_match(tmp_path: Path, tiny_features: tuple[Sto
     different = build_features(store, "tiny", other, weights="random", seed=3, device="cpu", progress=False).ref
     with pytest.raises(FeatstoreError, match="weights_digest"):
         train_decoders(store, ref, val_features=different, device="cpu", progress=False)
+    with pytest.raises(FeatstoreError, match=r"share 4 clip\(s\) .* \(clip0, clip1, clip2, clip3\): validation would"):
+        train_decoders(store, ref, val_features=ref, device="cpu", progress=False)
+    with pytest.raises(FeatstoreError, match="--epochs 0 must be at least 1"):
+        train_decoders(store, ref, val_features=same, epochs=0, device="cpu", progress=False)
+    assert [r.ref for r in store.list("decoder")] == [result.ref]
 
 
 def test_cli_train_json(tiny_features: tuple[Store, str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -81,6 +81,14 @@ def test_lightning_trains_from_a_stored_artifact(built: tuple[Store, str]) -> No
     assert 0.0 <= float(trainer.callback_metrics["val_iou"]) <= 1.0
 
 
+def test_lightning_refuses_validation_features_of_the_training_clips(built: tuple[Store, str]) -> None:
+    store, ref = built
+    data = FeatureDataModule(ref, store=store.root, val_ref=ref, batch_size=4)
+    data.prepare_data()
+    with pytest.raises(FeatstoreError, match="validation would score frames the heads trained on"):
+        data.setup("fit")
+
+
 def test_features_without_masks_refuse_training(tmp_path: Path) -> None:
     data = write_davis(tmp_path / "unlabelled", {"a": 3, "b": 3}, masks=False)
     store = Store(tmp_path / "store")
