@@ -151,8 +151,8 @@ class DeviceFeatures:
             raise FeatstoreError(f"no clips selected from {artifact.record.ref}")
         if require_masks and not artifact.has_masks:
             raise FeatstoreError(
-                f"masks are missing: {artifact.record.ref} was built from a dataset without annotations; "
-                "build features from an annotated dataset to train"
+                f"masks are missing: {artifact.record.ref} was built from a dataset without a mask on every "
+                "frame; build features from a dataset annotated throughout to train"
             )
         unknown = [c for c in names if c not in artifact.clips]
         if unknown:

@@ -37,6 +37,8 @@ DAVIS_RESOLUTION = "480p"
 MASK_MODES = ("L", "P", "1")
 
 _FRAME_NAME = re.compile(r"^(\d{5})\.([A-Za-z0-9]+)$")
+# Files that file managers drop into folders of images, ignored like dotfiles.
+_SYSTEM_FILES = ("thumbs.db", "desktop.ini")
 _IO_THREADS = min(16, 2 * (os.cpu_count() or 1))
 _DIGEST_FORMAT = "featstore-dataset-digest-v1"
 
@@ -314,13 +316,20 @@ def _scan_clip_folders(folder: Path) -> dict[tuple[str, int], Path]:
                 f"{clip_entry.path}: stray file among clip folders; move it into a <clip>/ folder or delete it"
             )
         for entry in sorted(os.scandir(clip_entry.path), key=lambda e: e.name):
-            if entry.name.startswith("."):
+            if entry.name.startswith(".") or entry.name.lower() in _SYSTEM_FILES:
                 continue
             match = _FRAME_NAME.match(entry.name)
-            if match is None or not entry.is_file():
+            if match is None:
                 raise DatasetError(
                     f"{entry.path}: not named <NNNNN>.<ext> (5-digit frame number); rename or remove it"
                 )
+            if entry.is_symlink() and not os.path.exists(entry.path):
+                raise DatasetError(
+                    f"{entry.path}: frame does not exist (a link to {os.readlink(entry.path)}, which is missing); "
+                    "restore its target or remove the link"
+                )
+            if not entry.is_file():
+                raise DatasetError(f"{entry.path}: a folder where a frame file belongs; move it out of {clip_entry.path}")
             key = (clip_entry.name, int(match.group(1)))
             if key in found:
                 raise DatasetError(
@@ -362,6 +371,13 @@ def _finish(listing: _Listing) -> Dataset:
     )
 
 
+def _removal(source: Path, partner: str) -> str:
+    """How to drop a frame from the dataset ``source`` names: its row of paths.json, or its DAVIS files."""
+    if source.name == PATHS_FILE:
+        return f"remove its row from {source}"
+    return f"delete it and its {partner}" if partner else "delete it"
+
+
 def _header(path: Path | None) -> tuple[tuple[int, int], str] | str | None:
     """(size, mode) from the image header without decoding pixels; a reason string if unreadable."""
     if path is None:
@@ -386,14 +402,12 @@ def _check_frame_files(
     if unreadable > 1:
         where += f"; {unreadable} files unreadable in all"
     if isinstance(raw_header, str) or raw_header is None:
-        raise DatasetError(
-            f"{record.raw}: frame {raw_header} ({where}); restore the file or remove its row from {source}"
-        )
+        raise DatasetError(f"{record.raw}: frame {raw_header} ({where}); restore the file or {_removal(source, 'mask')}")
     if record.annotation is None or mask_header is None:
         return
     if isinstance(mask_header, str):
         raise DatasetError(
-            f"{record.annotation}: mask {mask_header} ({where}); restore the file or remove its row from {source}"
+            f"{record.annotation}: mask {mask_header} ({where}); restore the file or {_removal(source, 'frame')}"
         )
     (raw_size, _), (mask_size, mask_mode) = raw_header, mask_header
     if mask_mode not in MASK_MODES:

@@ -550,6 +550,10 @@ def build_features(
     # With a scheduler each dask worker resolves the device: the client may have no GPU at all.
     chosen = parse_device(device) if scheduler else resolve_device(device)
     plan, extractor = prepare_build(store, backbone, data, weights=weights, layers=layers, dtype=dtype, seed=seed)
+    masked = sum(record.annotation is not None for record in plan.dataset.frames)
+    if progress and 0 < masked < len(plan.dataset.frames):
+        print(f"featstore: {masked} of {len(plan.dataset.frames)} frames have masks; features are stored without "
+              "masks, which training needs on every frame", file=sys.stderr)
     config = {"backbone": backbone, "weights": weights, "layers": list(plan.layers), "dtype": dtype,
               "batch_size": batch_size, "device": str(chosen or device), "scheduler": scheduler,
               "key": plan.key}

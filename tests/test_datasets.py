@@ -258,7 +258,8 @@ def test_refuses_unreadable_frame(tmp_path: Path) -> None:
     root = make_davis(tmp_path / "d", {"a": [0, 1]})
     broken = root / "JPEGImages" / "480p" / "a" / "00001.jpg"
     broken.write_bytes(b"this is not a jpeg at all")
-    refused(root, str(broken), "not a readable image")
+    message = refused(root, str(broken), "not a readable image", "delete it and its mask")
+    assert "row from" not in message, "a DAVIS folder has no rows to remove"
 
 
 def test_refuses_mask_of_another_size(tmp_path: Path) -> None:
@@ -324,10 +325,25 @@ def test_refuses_badly_named_davis_frame(tmp_path: Path) -> None:
     refused(root, str(bad), "<NNNNN>")
 
 
-def test_davis_folder_ignores_dotfiles(tmp_path: Path) -> None:
+def test_davis_folder_ignores_dotfiles_and_file_manager_files(tmp_path: Path) -> None:
     root = make_davis(tmp_path / "d", {"a": [0]})
     (root / "JPEGImages" / "480p" / "a" / ".DS_Store").write_bytes(b"\0")
+    (root / "JPEGImages" / "480p" / "a" / "Thumbs.db").write_bytes(b"\0")
     assert len(load_dataset(root).frames) == 1
+
+
+def test_refuses_a_frame_link_whose_target_is_missing(tmp_path: Path) -> None:
+    root = make_davis(tmp_path / "d", {"a": [0]})
+    link = root / "JPEGImages" / "480p" / "a" / "00001.jpg"
+    link.symlink_to(tmp_path / "elsewhere" / "00001.jpg")
+    refused(root, str(link), "frame does not exist", str(tmp_path / "elsewhere" / "00001.jpg"))
+
+
+def test_refuses_a_folder_among_frames(tmp_path: Path) -> None:
+    root = make_davis(tmp_path / "d", {"a": [0]})
+    folder = root / "JPEGImages" / "480p" / "a" / "00001.jpg"
+    folder.mkdir()
+    refused(root, str(folder), "a folder where a frame file belongs")
 
 
 # ----------------------------------------------------------------------------------------------------

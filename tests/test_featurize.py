@@ -229,3 +229,12 @@ def test_cuda_without_a_gpu_is_an_error_that_says_what_to_use() -> None:
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(FeatstoreError, match="torch sees no GPU: use --device cpu or auto"):
         resolve_device("cuda:0")
+
+
+def test_a_partly_annotated_dataset_is_built_without_masks_and_says_so(
+    tmp_path: Path, small_davis: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (small_davis / "Annotations" / "480p" / "beta" / "00001.png").unlink()
+    result = build_features(Store(tmp_path / "store"), "tiny", small_davis, weights="random", device="cpu")
+    assert "11 of 12 frames have masks; features are stored without masks" in capsys.readouterr().err
+    assert not open_features(Store(tmp_path / "store"), result.ref).has_masks
