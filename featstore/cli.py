@@ -1,7 +1,8 @@
 """The ``featstore`` command: parses arguments and calls the plain functions in ``jobs`` and ``featstore``.
 
 Every command takes ``--store DIR`` and ``--json``; with ``--json`` the last line on stdout is one JSON
-object. Progress and logs go to stderr. A ``FeatstoreError`` becomes one line on stderr and exit status 1.
+object, ``{"error": ...}`` when the command failed. Progress and logs go to stderr. A ``FeatstoreError``
+becomes one line on stderr and exit status 1.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from featstore import __version__
 from featstore.errors import FeatstoreError
 from featstore.store import Store, default_store_root
 
@@ -252,14 +254,44 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
+    """A comma-separated list with no empty or repeated item (each item is one head, backbone or layer)."""
+    items = [v.strip() for v in value.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"{value!r} has an empty item: separate items with single commas")
+    repeated = sorted({v for v in items if items.count(v) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{value!r} lists {', '.join(repeated)} twice: give each once")
+    return items
 
 
 def _floats(value: str) -> list[float]:
+    items = _csv(value)
     try:
-        return [float(v) for v in _csv(value)]
+        return [float(v) for v in items]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of numbers") from exc
+
+
+def _seed(value: str) -> int:
+    """Seeds go to torch generators, which take 0 to 2**63 - 1."""
+    try:
+        seed = int(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from exc
+    if not 0 <= seed < 2**63:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: use a seed from 0 to {2**63 - 1}")
+    return seed
+
+
+def _count(value: str) -> int:
+    """A whole number, also written 5e7 or 50_000_000."""
+    try:
+        number = float(value.replace(",", ""))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of parameters") from exc
+    if not number.is_integer():
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of parameters")
+    return int(number)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="featstore",
         description="Compute frozen-backbone features once, store them as versioned zarr artifacts, train decoders from them.",
     )
+    parser.add_argument("--version", action="version", version=f"featstore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     build = sub.add_parser("build", help="featurize every frame of a dataset into a feature artifact")
@@ -277,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     build.add_argument("--batch-size", type=int, default=16)
     build.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    build.add_argument("--seed", type=int, default=0, help="seed of --weights random")
+    build.add_argument("--seed", type=_seed, default=0, help="seed of --weights random")
     build.add_argument("--scheduler", default=None, help="dask scheduler ADDRESS, or local:N for a LocalCluster")
     build.add_argument("--wandb", action="store_true", help="log the job to Weights & Biases (or FEATSTORE_WANDB=1)")
     _add_common(build)
@@ -288,13 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
     split = train.add_mutually_exclusive_group()
     split.add_argument("--val-features", default=None, help="feature artifact REF of the validation clips")
     split.add_argument("--holdout-fraction", type=float, default=0.25, help="fraction of clips held out (default 0.25)")
-    train.add_argument("--seed", type=int, default=0, help="seed of the clip split, head initialisation and batches")
+    train.add_argument("--seed", type=_seed, default=0, help="seed of the clip split, head initialisation and batches")
     train.add_argument("--decoder", type=_csv, default=None, help="head(s), comma-separated: linear, conv, fpn, temporal (default: fpn, the recommended head)")
     train.add_argument("--lr", type=_floats, default=[1e-3], help="learning rate(s), comma-separated: one head each")
     train.add_argument("--weight-decay", type=_floats, default=[1e-4], help="weight decay(s), comma-separated")
     train.add_argument("--epochs", type=int, default=10)
     train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--budget", type=int, default=50_000_000, help="max parameters, backbone plus head")
+    train.add_argument("--budget", type=_count, default=50_000_000, help="max parameters, backbone plus head")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     train.add_argument("--wandb", action="store_true", help="log the job to Weights & Biases (or FEATSTORE_WANDB=1)")
     _add_common(train)
@@ -333,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--epochs", type=int, default=10, help="training epochs of each head (default 10)")
     compare.add_argument("--batch-size", type=int, default=8, help="frames per training step and per prediction batch")
     compare.add_argument("--holdout-fraction", type=float, default=0.25, help="fraction of clips held out and scored (default 0.25)")
-    compare.add_argument("--seed", type=int, default=0, help="seed of the clip split, head initialisation and batches")
-    compare.add_argument("--budget", type=int, default=50_000_000, help="max parameters, backbone plus head; larger models are listed, not trained")
+    compare.add_argument("--seed", type=_seed, default=0, help="seed of the clip split, head initialisation and batches")
+    compare.add_argument("--budget", type=_count, default=50_000_000, help="max parameters, backbone plus head; larger models are listed, not trained")
     compare.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     compare.add_argument("--out", type=Path, default=None, help="folder for compare.csv and compare.png (default: <store>/compare/<dataset>/)")
     _add_common(compare)
@@ -376,6 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except FeatstoreError as exc:
         print(f"featstore {args.command}: error: {exc}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"error": str(exc)}))
         return 1
     except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`): not an error of ours
         return 0

@@ -114,7 +114,7 @@ def connect(scheduler: str) -> Any:
         return Client(cluster)
     try:
         return Client(scheduler, timeout="20s")
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not an address (e.g. no port)
         raise FeatstoreError(
             f"cannot reach the dask scheduler at {scheduler!r} ({exc}): start one with `dask scheduler` "
             "and workers with `dask worker ADDRESS`, or use --scheduler local:N"

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from featstore.errors import FeatstoreError
 from featstore.features import open_features
 from featstore.store import Store
+from jobs.distributed import connect
 from jobs.featurize import build_features
 
 pytestmark = pytest.mark.dask
@@ -30,3 +32,10 @@ def test_local_cluster_build_matches_local_build(tmp_path: Path, small_davis: Pa
     again = build_features(dask_store, "tiny", small_davis, weights="random", device="cpu",
                            scheduler="local:2", progress=False)
     assert again.cached and again.ref == distributed.ref
+
+
+@pytest.mark.parametrize(("scheduler", "expected"), [("bogus", "cannot reach the dask scheduler at 'bogus'"),
+                                                      ("local:abc", "use local:N"), ("local:0", "at least 1")])
+def test_a_scheduler_that_is_no_scheduler_is_one_clear_error(scheduler: str, expected: str) -> None:
+    with pytest.raises(FeatstoreError, match=expected):
+        connect(scheduler)

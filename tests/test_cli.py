@@ -1,0 +1,63 @@
+"""The command line: arguments are checked before any work, and --json speaks JSON on failure too."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from featstore import __version__
+from featstore.cli import build_parser, main
+
+
+def refused_argument(argv: list[str], capsys: pytest.CaptureFixture[str], *expected: str) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    for text in expected:
+        assert text in err, f"{text!r} not in {err!r}"
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("--lr", "1e-3,,2", "has an empty item"),
+        ("--lr", "1e-3,", "has an empty item"),
+        ("--decoder", "", "has an empty item"),
+        ("--decoder", "fpn,fpn", "lists fpn twice"),
+        ("--lr", "0.01,abc", "not a comma-separated list of numbers"),
+        ("--seed", "99999999999999999999", "use a seed from 0 to 9223372036854775807"),
+        ("--seed", "-1", "use a seed from 0"),
+        ("--budget", "5.5", "not a whole number of parameters"),
+        ("--budget", "lots", "not a number of parameters"),
+    ],
+)
+def test_bad_train_arguments_are_refused_with_the_reason(
+    option: str, value: str, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    refused_argument(["train", "--features", "x", f"{option}={value}"], capsys, option, expected)
+
+
+@pytest.mark.parametrize(("text", "budget"), [("5e7", 50_000_000), ("50_000_000", 50_000_000), ("3,000", 3000)])
+def test_budget_takes_the_ways_people_write_large_numbers(text: str, budget: int) -> None:
+    args = build_parser().parse_args(["train", "--features", "x", "--budget", text])
+    assert args.budget == budget
+
+
+def test_json_failure_prints_the_error_as_the_last_stdout_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["show", "nosuch:v3", "--store", str(tmp_path / "store"), "--json"]) == 1
+    out, err = capsys.readouterr()
+    payload = json.loads(out.strip().splitlines()[-1])
+    assert "nosuch" in payload["error"]
+    assert err.startswith("featstore show: error:") and err.count("\n") == 1
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out.strip() == f"featstore {__version__}"
