@@ -25,6 +25,7 @@ import numpy.typing as npt
 from PIL import Image
 
 from featstore.errors import FeatstoreError
+from featstore.store import hidden_sibling
 
 PATHS_FILE = "paths.json"
 METADATA_FILE = "metadata.json"
@@ -65,7 +66,8 @@ def write_result_folder(
     out_dir = Path(out_dir).expanduser().absolute()
     _check_destination(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    staging = hidden_sibling(out_dir, ".partial")
+    staging.mkdir()
     try:
         rows = _write_pngs(staging, predictions, workers)
         _write_json(staging / PATHS_FILE, {"output": {str(row): output_name(row) for row in sorted(rows)}})

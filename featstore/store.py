@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import sys
 from collections.abc import Iterator, Sequence
@@ -141,6 +142,15 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def hidden_sibling(path: Path, suffix: str) -> Path:
+    """A fresh hidden name beside ``path`` for work in progress, renamed onto ``path`` when complete.
+
+    The caller creates it, so it gets the user's umask: tempfile's names come with modes 0600 and 0700,
+    which would leave result folders and plots unreadable to the rest of a team.
+    """
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}")
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

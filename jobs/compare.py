@@ -14,7 +14,6 @@ import dataclasses
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from featstore.accounting import check_budget
 from featstore.backbones import create_backbone, get_backbone_spec
 from featstore.datasets import Dataset, load_dataset
 from featstore.errors import BudgetError, FeatstoreError
-from featstore.store import Store
+from featstore.store import Store, hidden_sibling
 from jobs.evaluate import evaluate
 from jobs.featurize import build_features, resolve_device
 from jobs.predict import predict_dataset
@@ -288,9 +287,7 @@ def _run_one(
 
 def _temporary_sibling(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(handle)
-    return Path(name)
+    return hidden_sibling(path, ".partial")
 
 
 def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from featstore.features import FeatureArtifact, open_features, parse_dtype
 from featstore.frame_stream import FrameStream
 from featstore.metrics import probability_to_u8
 from featstore.results import METADATA_FILE, OUTPUTS_DIR, PATHS_FILE, write_result_folder
-from featstore.store import ArtifactRecord, Store, canonical_hash
+from featstore.store import ArtifactRecord, Store, canonical_hash, hidden_sibling
 from featstore.wandb_sync import WandbJob, wandb_requested
 from jobs.featurize import commit_dataset, resolve_device
 from jobs.train import load_decoder
@@ -399,7 +398,8 @@ def _copy_result(folder: Path, out_dir: Path) -> None:
     _check_out(out_dir)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+        scratch = hidden_sibling(out_dir, ".partial")
+        scratch.mkdir()
     except OSError as exc:
         raise StoreError(f"cannot write --out {out_dir} ({exc.strerror}): choose a writable folder") from exc
     try:

@@ -127,6 +127,11 @@ def test_cli_compare_json_defaults_to_the_store_folder(compared: Compared,
     assert [r["mean_iou"] for r in payload["rows"]] == [r["mean_iou"] for r in compared.result.rows]
     board = compared.store.root / "compare" / "clips"
     assert payload["csv"] == str(board / "compare.csv") and Path(payload["plot"]).is_file()
+    probe = board / "probe.txt"
+    probe.write_text("")  # any new file: its mode is what the user's umask gives
+    for written in ("compare.csv", "compare.png"):
+        assert (board / written).stat().st_mode == probe.stat().st_mode, written
+    probe.unlink()
 
     assert main([*args[:-2], "--quiet"]) == 0
     shown = capsys.readouterr().out

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -192,3 +194,14 @@ def test_malformed_metadata_json_is_refused_by_name(tmp_path: Path, content: str
     (tmp_path / "metadata.json").write_text(content)
     with pytest.raises(FeatstoreError, match=re.escape(str(tmp_path / "metadata.json"))):
         read_result_folder(tmp_path)
+
+
+def test_the_result_folder_follows_the_umask_like_any_new_file(tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        out = write_result_folder(tmp_path / "result", predictions([0, 1]), {"nparams": 1})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert stat.S_IMODE((out / "outputs").stat().st_mode) == 0o755
+    assert stat.S_IMODE((out / "paths.json").stat().st_mode) == 0o644
