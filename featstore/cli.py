@@ -160,13 +160,16 @@ def cmd_compare(args: argparse.Namespace, store: Store) -> dict[str, Any]:
 
 
 def cmd_ls(args: argparse.Namespace, store: Store) -> dict[str, Any]:
-    records = store.list(args.type)
+    damaged: list[str] = []
+    records = store.list(args.type, damaged=damaged)
+    for problem in damaged:
+        print(f"featstore ls: warning: {problem}", file=sys.stderr)
     if not args.json:
-        if not records:
+        if not records and not damaged:
             _say(f"no artifacts in {store.root}; try `featstore build --backbone efficientnet_lite0`")
         for record in records:
             _say(f"{record.type:<9} {record.ref:<48} {record.created}  {record.key[:12]}")
-    return {"artifacts": [_summary(r.to_dict()) for r in records]}
+    return {"artifacts": [_summary(r.to_dict()) for r in records], "damaged": damaged}
 
 
 def _summary(record: dict[str, Any]) -> dict[str, Any]:

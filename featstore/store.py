@@ -256,7 +256,8 @@ class Store:
     def path(self, record: ArtifactRecord) -> Path:
         return self.root / "artifacts" / record.type / record.name / f"v{record.version}"
 
-    def _records(self, type: str, name: str) -> list[ArtifactRecord]:
+    def _records(self, type: str, name: str, damaged: builtins.list[str] | None = None) -> builtins.list[ArtifactRecord]:
+        """The committed versions of ``name``; an unreadable record is an error, or noted in ``damaged``."""
         folder = self.root / "artifacts" / type / name
         if not folder.is_dir():
             return []
@@ -264,29 +265,40 @@ class Store:
         for entry in folder.iterdir():
             record_file = entry / RECORD_FILE
             if entry.name.startswith("v") and entry.name[1:].isdigit() and record_file.is_file():
-                records.append(self._load_record(record_file))
+                try:
+                    records.append(self._load_record(record_file))
+                except StoreError as exc:
+                    if damaged is None:
+                        raise
+                    damaged.append(str(exc))
         return sorted(records, key=lambda r: r.version)
 
     def _load_record(self, record_file: Path) -> ArtifactRecord:
         try:
             return ArtifactRecord.from_dict(json.loads(record_file.read_text()))
         except (OSError, ValueError, KeyError) as exc:
-            raise StoreError(f"artifact record {record_file} is unreadable ({exc}): run `featstore verify`") from exc
+            raise StoreError(
+                f"artifact record {record_file} is unreadable ({exc}): restore it, or remove the version folder "
+                f"{record_file.parent} to drop that version"
+            ) from exc
 
     def _next_version(self, type: str, name: str) -> int:
         folder = self.root / "artifacts" / type / name
         numbers = [int(p.name[1:]) for p in folder.iterdir() if p.name.startswith("v") and p.name[1:].isdigit()]
         return max(numbers, default=0) + 1
 
-    def list(self, type: str | None = None) -> list[ArtifactRecord]:
-        """Every committed version, ordered by type, name and version."""
+    def list(self, type: str | None = None, damaged: builtins.list[str] | None = None) -> list[ArtifactRecord]:
+        """Every committed version, ordered by type, name and version.
+
+        With ``damaged``, a version whose record is unreadable is described there instead of failing the list.
+        """
         types = [type] if type else list(ARTIFACT_TYPES)
         records: list[ArtifactRecord] = []
         for kind in types:
             folder = self.root / "artifacts" / kind
             if folder.is_dir():
                 for name_dir in sorted(folder.iterdir()):
-                    records.extend(self._records(kind, name_dir.name))
+                    records.extend(self._records(kind, name_dir.name, damaged))
         return records
 
     def find(self, type: str, name: str, key: str) -> ArtifactRecord | None:

@@ -275,6 +275,12 @@ def _rebuild_backbone(decoder: ArtifactRecord, device: torch.device) -> FeatureE
     """The backbone exactly as the decoder's features were computed; refused if its weights differ."""
     meta = decoder.metadata
     backbone = meta["backbone"]
+    weights = backbone["weights"]
+    if weights not in ("imagenet", "random") and not Path(weights).expanduser().is_file():
+        raise BackboneError(
+            f"decoder {decoder.ref} was trained on {backbone['name']} features of the weights file {weights}, "
+            "which is gone; restore the file there to run the backbone on these frames"
+        )
     extractor = create_backbone(
         backbone["name"],
         weights=backbone["weights"],

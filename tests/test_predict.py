@@ -193,6 +193,10 @@ def test_changed_backbone_weights_are_refused(tmp_path: Path) -> None:
     with pytest.raises(BackboneError, match=f"decoder {decoder.ref} was trained on features of weights"):
         predict_dataset(store, decoder.ref, unannotated, device="cpu", progress=False)
     assert store.list("result") == []
+    weights.unlink()
+    with pytest.raises(BackboneError, match=f"weights file {weights}, which is gone; restore the file there"):
+        predict_dataset(store, decoder.ref, unannotated, device="cpu", progress=False)
+    assert store.list("result") == []
 
 
 def test_cli_predict_json_and_errors(trained: Trained, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import re
 from pathlib import Path
 
 import pytest
 
+from featstore.cli import main
 from featstore.errors import StoreError
 from featstore.store import Store, canonical_hash
 
@@ -110,3 +112,26 @@ def test_concurrent_commits_of_one_key_give_one_version(tmp_path: Path) -> None:
 def test_canonical_hash_is_order_free() -> None:
     assert canonical_hash({"a": 1, "b": [1, 2]}) == canonical_hash({"b": [1, 2], "a": 1})
     assert canonical_hash({"a": 1}) != canonical_hash({"a": 2})
+
+
+def test_an_unreadable_record_is_named_with_its_fix_and_spares_the_rest_of_the_listing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = Store(tmp_path / "s")
+    good = _commit(store, "good", "k1", b"a")
+    bad = store.resolve(_commit(store, "bad", "k2", b"b"))
+    record_file = store.path(bad) / "artifact.json"
+    record_file.write_text("{broken")
+    with pytest.raises(StoreError, match=f"remove the version folder {re.escape(str(store.path(bad)))}"):
+        store.resolve("bad")
+    assert store.resolve(good).ref == good
+    with pytest.raises(StoreError, match="unreadable"):
+        store.list()
+    damaged: list[str] = []
+    assert [r.ref for r in store.list(damaged=damaged)] == [good]
+    assert len(damaged) == 1 and str(record_file) in damaged[0]
+    assert main(["ls", "--store", str(store.root), "--json"]) == 0
+    out, err = capsys.readouterr()
+    payload = json.loads(out.strip().splitlines()[-1])
+    assert [a["name"] for a in payload["artifacts"]] == ["good"] and payload["damaged"] == damaged
+    assert f"featstore ls: warning: artifact record {record_file} is unreadable" in err
