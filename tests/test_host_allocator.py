@@ -14,8 +14,11 @@ from decoders.host_allocator import is_active, reuse_freed_memory
 
 # Run in a fresh interpreter, as a training process is: in this one, earlier tests may have forked
 # helper processes, and copy-on-write then faults in written pages whatever the allocator does.
+# One torch thread: with OpenMP's workers running, the block sometimes came back freshly mapped inside the
+# setting too (about one probe in four under pytest), which is about thread start-up, not the setting.
 PROBE = """
 import json, resource, torch
+torch.set_num_threads(1)
 from decoders.host_allocator import is_active, reuse_freed_memory
 
 BLOCK = 64 * 2**20  # above glibc's largest mmap threshold (32 MB)
