@@ -11,10 +11,11 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from types import MappingProxyType
 from typing import TypeVar
 
 import numpy as np
@@ -66,13 +67,18 @@ class Dataset:
     frames: tuple[FrameRecord, ...]
     has_annotations: bool
     _digest: str | None = field(default=None, init=False, repr=False, compare=False)
+    _clips: dict[str, tuple[FrameRecord, ...]] | None = field(default=None, init=False, repr=False, compare=False)
 
-    def clips(self) -> dict[str, tuple[FrameRecord, ...]]:
-        """Frames grouped by clip: clips in sorted order, frames sorted by frame number."""
-        grouped: dict[str, list[FrameRecord]] = {}
-        for record in self.frames:
-            grouped.setdefault(record.clip, []).append(record)
-        return {clip: tuple(sorted(grouped[clip], key=lambda r: r.frame)) for clip in sorted(grouped)}
+    def clips(self) -> Mapping[str, tuple[FrameRecord, ...]]:
+        """Frames grouped by clip: clips in sorted order, frames sorted by frame number. Computed once."""
+        by_clip = self._clips
+        if by_clip is None:
+            grouped: dict[str, list[FrameRecord]] = {}
+            for record in self.frames:
+                grouped.setdefault(record.clip, []).append(record)
+            by_clip = {clip: tuple(sorted(grouped[clip], key=lambda r: r.frame)) for clip in sorted(grouped)}
+            object.__setattr__(self, "_clips", by_clip)  # frozen dataclass: the cache is set past __setattr__
+        return MappingProxyType(by_clip)  # read-only: every caller shares the one grouping
 
     def digest(self) -> str:
         """sha256 of the frame table and the bytes of every file: the dataset's content identity.
