@@ -283,7 +283,7 @@ def _rebuild_backbone(decoder: ArtifactRecord, device: torch.device) -> FeatureE
         )
     extractor = create_backbone(
         backbone["name"],
-        weights=backbone["weights"],
+        weights=weights,
         layers=meta["layers"],
         seed=int(backbone.get("seed", 0)),
         dtype=parse_dtype(meta["dtype"]),
