@@ -245,15 +245,23 @@ def cmd_evaluate(args: argparse.Namespace, store: Store) -> dict[str, Any]:
     return result
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def _add_common(parser: argparse.ArgumentParser, *, top_level: bool = False) -> None:
+    """``--store``, ``--json`` and ``--quiet``, accepted before the command name and after it.
+
+    The command's copies default to ``SUPPRESS``, so they set a value only when given and never overwrite
+    one given before the command.
+    """
+    unset: dict[str, Any] = {} if top_level else {"default": argparse.SUPPRESS}
     parser.add_argument(
         "--store",
         type=Path,
-        default=None,
+        **({"default": None} | unset),
         help=f"artifact store folder (default: $FEATSTORE_HOME, else {Path('~/.featstore')}; now {default_store_root()})",
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--json", action="store_true", **unset, help="print one JSON object as the last line of stdout"
+    )
+    parser.add_argument("--quiet", action="store_true", **unset, help="no progress bars")
 
 
 def _csv(value: str) -> list[str]:
@@ -303,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compute frozen-backbone features once, store them as versioned zarr artifacts, train decoders from them.",
     )
     parser.add_argument("--version", action="version", version=f"featstore {__version__}")
+    _add_common(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     build = sub.add_parser("build", help="featurize every frame of a dataset into a feature artifact")

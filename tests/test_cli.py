@@ -61,3 +61,25 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert caught.value.code == 0
     assert capsys.readouterr().out.strip() == f"featstore {__version__}"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--store", "{store}", "--json", "ls"],
+        ["ls", "--store", "{store}", "--json"],
+        ["--json", "ls", "--store", "{store}"],
+        ["--store", "{elsewhere}", "ls", "--store", "{store}", "--json"],
+    ],
+)
+def test_common_options_work_before_and_after_the_command(
+    argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FEATSTORE_HOME", str(tmp_path / "home"))
+    store = tmp_path / "store"
+    assert main(["build", "--backbone", "tiny", "--weights", "random", "--store", str(store), "--quiet"]) == 0
+    capsys.readouterr()
+    filled = [a.format(store=store, elsewhere=tmp_path / "elsewhere") for a in argv]
+    assert main(filled) == 0
+    listing = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {record["type"] for record in listing["artifacts"]} == {"dataset", "features"}
