@@ -92,9 +92,12 @@ def featurize_clip_task(task: ClipTask) -> int:
     )
 
 
-def connect(scheduler: str) -> Any:
-    """A dask Client for ``ADDRESS`` or a new LocalCluster for ``local:N``."""
-    from distributed import Client, LocalCluster
+def local_workers(scheduler: str) -> int | None:
+    """N of ``local:N``; None for an address. Checks the value's form without connecting anywhere.
+
+    Called before the cache lookup, so a mistyped ``--scheduler`` is refused even when nothing would run.
+    """
+    from distributed.comm.addressing import parse_address, parse_host_port
 
     if scheduler.startswith("local:"):
         try:
@@ -103,6 +106,25 @@ def connect(scheduler: str) -> Any:
             raise FeatstoreError(f"--scheduler {scheduler!r}: use local:N with N a number of workers") from exc
         if n_workers < 1:
             raise FeatstoreError(f"--scheduler {scheduler!r}: N must be at least 1")
+        return n_workers
+    try:
+        protocol, location = parse_address(scheduler)
+        if protocol in ("tcp", "tls"):
+            parse_host_port(location)
+    except ValueError as exc:
+        raise FeatstoreError(
+            f"--scheduler {scheduler!r} is not a dask scheduler address ({exc}): give tcp://HOST:PORT, as "
+            "`dask scheduler` prints it, or local:N for a LocalCluster of N workers"
+        ) from exc
+    return None
+
+
+def connect(scheduler: str) -> Any:
+    """A dask Client for ``ADDRESS`` or a new LocalCluster for ``local:N``."""
+    from distributed import Client, LocalCluster
+
+    n_workers = local_workers(scheduler)
+    if n_workers is not None:
         threads = max(1, (os.cpu_count() or 1) // n_workers)
         cluster = LocalCluster(
             n_workers=n_workers,
@@ -114,7 +136,7 @@ def connect(scheduler: str) -> Any:
         return Client(cluster)
     try:
         return Client(scheduler, timeout="20s")
-    except (OSError, ValueError) as exc:  # ValueError: not an address (e.g. no port)
+    except OSError as exc:
         raise FeatstoreError(
             f"cannot reach the dask scheduler at {scheduler!r} ({exc}): start one with `dask scheduler` "
             "and workers with `dask worker ADDRESS`, or use --scheduler local:N"

@@ -549,6 +549,10 @@ def build_features(
         raise FeatstoreError(f"--batch-size {batch_size} must be at least 1")
     # With a scheduler each dask worker resolves the device: the client may have no GPU at all.
     chosen = parse_device(device) if scheduler else resolve_device(device)
+    if scheduler:
+        from jobs.distributed import local_workers  # dask loads only for distributed builds
+
+        local_workers(scheduler)
     plan, extractor = prepare_build(store, backbone, data, weights=weights, layers=layers, dtype=dtype, seed=seed)
     masked = sum(record.annotation is not None for record in plan.dataset.frames)
     if progress and 0 < masked < len(plan.dataset.frames):

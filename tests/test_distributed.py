@@ -34,8 +34,21 @@ def test_local_cluster_build_matches_local_build(tmp_path: Path, small_davis: Pa
     assert again.cached and again.ref == distributed.ref
 
 
-@pytest.mark.parametrize(("scheduler", "expected"), [("bogus", "cannot reach the dask scheduler at 'bogus'"),
-                                                      ("local:abc", "use local:N"), ("local:0", "at least 1")])
+BAD_SCHEDULERS = [("bogus", "'bogus' is not a dask scheduler address"), ("tcp://host", "give tcp://HOST:PORT"),
+                  ("local:abc", "use local:N"), ("local:0", "at least 1")]
+
+
+@pytest.mark.parametrize(("scheduler", "expected"), BAD_SCHEDULERS)
 def test_a_scheduler_that_is_no_scheduler_is_one_clear_error(scheduler: str, expected: str) -> None:
     with pytest.raises(FeatstoreError, match=expected):
         connect(scheduler)
+
+
+def test_a_mistyped_scheduler_is_refused_even_when_the_build_is_cached(tmp_path: Path, small_davis: Path) -> None:
+    store = Store(tmp_path / "store")
+    first = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
+    assert not first.cached
+    for scheduler, expected in BAD_SCHEDULERS:
+        with pytest.raises(FeatstoreError, match=expected):
+            build_features(store, "tiny", small_davis, weights="random", device="cpu", scheduler=scheduler,
+                           progress=False)
