@@ -54,6 +54,7 @@ def cmd_build(args: argparse.Namespace, store: Store) -> dict[str, Any]:
         scheduler=args.scheduler,
         progress=_progress(args),
         wandb=args.wandb,
+        force=args.force,
     )
     if not args.json:
         shapes = ", ".join(f"{layer} {'x'.join(map(str, s))}" for layer, s in result.shapes.items())
@@ -87,6 +88,7 @@ def cmd_train(args: argparse.Namespace, store: Store) -> dict[str, Any]:
         device=args.device,
         progress=_progress(args),
         wandb=args.wandb,
+        force=args.force,
     )
     out = result.to_json()
     if not args.json:
@@ -116,6 +118,7 @@ def cmd_predict(args: argparse.Namespace, store: Store) -> dict[str, Any]:
         device=args.device,
         progress=_progress(args),
         wandb=args.wandb,
+        force=args.force,
     )
     out = result.to_json()
     if not args.json:
@@ -146,6 +149,7 @@ def cmd_compare(args: argparse.Namespace, store: Store) -> dict[str, Any]:
         device=args.device,
         out_dir=args.out,
         progress=_progress(args),
+        force=args.force,
     )
     if not args.json:
         _say(
@@ -264,6 +268,15 @@ def _add_common(parser: argparse.ArgumentParser, *, top_level: bool = False) -> 
     parser.add_argument("--quiet", action="store_true", **unset, help="no progress bars")
 
 
+def _add_force(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="recompute even when the same inputs are committed; the result is a new version that supersedes "
+        "the old one (how to replace a damaged artifact)",
+    )
+
+
 def _csv(value: str) -> list[str]:
     """A comma-separated list with no empty or repeated item (each item is one head, backbone or layer)."""
     items = [v.strip() for v in value.split(",")]
@@ -325,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=_seed, default=0, help="seed of --weights random")
     build.add_argument("--scheduler", default=None, help="dask scheduler ADDRESS, or local:N for a LocalCluster")
     build.add_argument("--wandb", action="store_true", help="log the job to Weights & Biases (or FEATSTORE_WANDB=1)")
+    _add_force(build)
     _add_common(build)
     build.set_defaults(handler=cmd_build)
 
@@ -342,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--budget", type=_count, default=50_000_000, help="max parameters, backbone plus head")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     train.add_argument("--wandb", action="store_true", help="log the job to Weights & Biases (or FEATSTORE_WANDB=1)")
+    _add_force(train)
     _add_common(train)
     train.set_defaults(handler=cmd_train)
 
@@ -352,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=8)
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     predict.add_argument("--wandb", action="store_true", help="log the job to Weights & Biases (or FEATSTORE_WANDB=1)")
+    _add_force(predict)
     _add_common(predict)
     predict.set_defaults(handler=cmd_predict)
 
@@ -382,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--budget", type=_count, default=50_000_000, help="max parameters, backbone plus head; larger models are listed, not trained")
     compare.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     compare.add_argument("--out", type=Path, default=None, help="folder for compare.csv and compare.png (default: <store>/compare/<dataset>/)")
+    _add_force(compare)
     _add_common(compare)
     compare.set_defaults(handler=cmd_compare)
 

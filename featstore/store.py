@@ -176,7 +176,7 @@ def _list_files(root: Path) -> list[str]:
 class Staging:
     """A locked, resumable scratch folder for one content key; ``commit`` publishes it as the next version."""
 
-    def __init__(self, store: Store, type: str, name: str, key: str, root: Path) -> None:
+    def __init__(self, store: Store, type: str, name: str, key: str, root: Path, *, fresh: bool = False) -> None:
         self.store = store
         self.type = type
         self.name = name
@@ -184,7 +184,7 @@ class Staging:
         self.root = root
         self.path = root / "data"
         self.scratch = root / "scratch"
-        self.committed: ArtifactRecord | None = store.find(type, name, key)
+        self.committed: ArtifactRecord | None = None if fresh else store.find(type, name, key)
 
     def commit(self, parents: Sequence[str], metadata: dict[str, Any]) -> ArtifactRecord:
         """Hash every file, write the record, flush, and rename into the next free version, atomically."""
@@ -228,6 +228,18 @@ class Staging:
             raise StoreError(describe_os_error(exc, self.store.root)) from exc
         self.committed = record
         return record
+
+
+_RECOMPUTED_BY = {"features": "featstore build", "decoder": "featstore train", "result": "featstore predict"}
+
+
+def _recompute_hint(type: str) -> str:
+    """How to replace a damaged artifact: its job again with --force, which commits a fresh version."""
+    command = _RECOMPUTED_BY.get(type)
+    if command is None:
+        return "Restore its files, or remove the version folder and run the job that made it again"
+    return (f"Recompute it: run the same `{command}` command again with --force, which commits a new version "
+            "that supersedes this one")
 
 
 def describe_os_error(exc: OSError, root: Path) -> str:
@@ -302,8 +314,11 @@ class Store:
         return records
 
     def find(self, type: str, name: str, key: str) -> ArtifactRecord | None:
-        """The committed version of ``name`` with this content key, if any: the cache lookup."""
-        for record in self._records(type, name):
+        """The newest committed version of ``name`` with this content key, if any: the cache lookup.
+
+        Newest, because a version recomputed with ``--force`` supersedes the one it replaces.
+        """
+        for record in reversed(self._records(type, name)):
             if record.key == key:
                 return record
         return None
@@ -350,18 +365,19 @@ class Store:
         if problems:
             shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
             raise StoreError(
-                f"artifact {record.ref} at {self.path(record)} is damaged: {shown}. Rebuild it (remove the version folder and run the job again)"
+                f"artifact {record.ref} at {self.path(record)} is damaged: {shown}. {_recompute_hint(record.type)}"
             )
 
     # --- writing -----------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def stage(self, type: str, name: str, key: str) -> Iterator[Staging]:
+    def stage(self, type: str, name: str, key: str, *, fresh: bool = False) -> Iterator[Staging]:
         """A staging area for one content key, held under an exclusive lock for one writer at a time.
 
         A second process staging the same key waits for the first; when the first committed, the second
         sees ``staging.committed`` and reuses it. An interrupted staging area is left in place so the
-        next run can resume from what it finished.
+        next run can resume from what it finished. ``fresh`` (``--force``) ignores both: the staging
+        area starts empty and commits a new version even when one with this key exists.
         """
         if type not in ARTIFACT_TYPES:
             raise StoreError(f"unknown artifact type {type!r}; expected one of {', '.join(ARTIFACT_TYPES)}")
@@ -380,9 +396,11 @@ class Store:
                 print(f"featstore: waiting for another job writing {type} {name} ({key[:12]})", file=sys.stderr)
                 fcntl.flock(lock, fcntl.LOCK_EX)
             root = staging_root / f"{type}-{key[:32]}"
-            staging = Staging(self, type, name, key, root)
+            staging = Staging(self, type, name, key, root, fresh=fresh)
             if staging.committed is None:
                 try:
+                    if fresh:
+                        shutil.rmtree(root, ignore_errors=True)
                     staging.path.mkdir(parents=True, exist_ok=True)
                     staging.scratch.mkdir(parents=True, exist_ok=True)
                 except OSError as exc:

@@ -153,11 +153,13 @@ def compare_backbones(
     device: str = "auto",
     out_dir: str | Path | None = None,
     progress: bool = True,
+    force: bool = False,
 ) -> CompareResult:
     """Build, train, predict and score each backbone on one clip-level split; write the csv and plot.
 
     ``backbones`` entries are ``NAME`` (with ``weights``) or ``NAME@WEIGHTS``, e.g. ``tiny@random``.
-    ``out_dir`` defaults to ``<store>/compare/<dataset name>/``.
+    ``out_dir`` defaults to ``<store>/compare/<dataset name>/``. ``force`` recomputes every step (build,
+    train, predict) of every backbone as new versions instead of reusing committed ones.
     """
     choices = parse_backbones(backbones, weights)
     head = HeadConfig(decoder=decoder or DEFAULT_DECODER)
@@ -189,7 +191,7 @@ def compare_backbones(
             continue
         row = _run_one(
             store, dataset, data, choice, row, head.decoder, holdout_fraction=holdout_fraction, seed=seed,
-            epochs=epochs, batch_size=batch_size, budget=budget, device=device, progress=progress,
+            epochs=epochs, batch_size=batch_size, budget=budget, device=device, progress=progress, force=force,
         )
         rows.append(row)
     rows.sort(key=lambda r: -r["mean_iou"] if r["mean_iou"] is not None else math.inf)
@@ -246,9 +248,11 @@ def _run_one(
     budget: int,
     device: str,
     progress: bool,
+    force: bool,
 ) -> dict[str, Any]:
     """Build, train, predict the held-out clips from the stored features, and score them."""
-    built = build_features(store, choice.name, data, weights=choice.weights, device=device, progress=progress)
+    built = build_features(store, choice.name, data, weights=choice.weights, device=device, progress=progress,
+                           force=force)
     if built.record.metadata["dataset"]["digest"] != dataset.digest():
         raise FeatstoreError(
             f"{dataset.root}: the dataset's files changed while comparing (features {built.ref} hold other "
@@ -256,14 +260,15 @@ def _run_one(
         )
     trained = train_decoders(
         store, built.ref, holdout_fraction=holdout_fraction, seed=seed, decoders=[decoder], epochs=epochs,
-        batch_size=batch_size, budget=budget, device=device, progress=progress,
+        batch_size=batch_size, budget=budget, device=device, progress=progress, force=force,
     )
     meta = trained.record.metadata
     clips = list(meta["val_clips"])
     # Named apart from the whole dataset, so `featstore ls` tells the held-out subset from it.
     held_out = dataclasses.replace(dataset.subset(clips), name=f"{dataset.name}-holdout")
     predicted = predict_dataset(
-        store, trained.ref, held_out, features=built.ref, batch_size=batch_size, device=device, progress=progress
+        store, trained.ref, held_out, features=built.ref, batch_size=batch_size, device=device, progress=progress,
+        force=force,
     )
     scores = evaluate(predicted.out, held_out, progress=False if not progress else None)
     row.update(

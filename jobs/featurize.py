@@ -543,8 +543,13 @@ def build_features(
     scheduler: str | None = None,
     progress: bool = True,
     wandb: bool = False,
+    force: bool = False,
 ) -> BuildResult:
-    """Featurize a dataset into a committed artifact; the same inputs again are a cache hit."""
+    """Featurize a dataset into a committed artifact; the same inputs again are a cache hit.
+
+    ``force`` recomputes every clip even so (no cache hit, no resume) and commits a new version, which then
+    supersedes the old one as ``latest`` and as the cache entry: the way to replace a damaged artifact.
+    """
     if batch_size < 1:
         raise FeatstoreError(f"--batch-size {batch_size} must be at least 1")
     # With a scheduler each dask worker resolves the device: the client may have no GPU at all.
@@ -563,7 +568,7 @@ def build_features(
               "key": plan.key}
     with WandbJob("featurize", config, enabled=wandb_requested(wandb), store=store) as job:
         result = _build(plan, extractor, batch_size=batch_size, device=device,
-                        scheduler=scheduler, progress=progress)
+                        scheduler=scheduler, progress=progress, force=force)
         job.log(result.record)
         job.log_metrics({"frames": result.frames, "fps": result.fps, "bytes": result.bytes,
                          "nparams_backbone": result.nparams_backbone, "cached": result.cached})
@@ -578,14 +583,15 @@ def _build(
     device: str,
     scheduler: str | None,
     progress: bool,
+    force: bool,
 ) -> BuildResult:
     store = plan.store
-    cached = store.find("features", plan.name, plan.key)
+    cached = None if force else store.find("features", plan.name, plan.key)
     if cached is not None:
         return _result(store, cached, cached=True)
     try:
         return _build_uncached(plan, extractor, batch_size=batch_size, device=device,
-                               scheduler=scheduler, progress=progress)
+                               scheduler=scheduler, progress=progress, force=force)
     except OSError as exc:  # a full disk or unwritable store surfaces from zarr's writes as a bare OSError
         if exc.errno is None:  # not a filesystem error (dask's closed connections are OSErrors too)
             raise
@@ -619,10 +625,11 @@ def _build_uncached(
     device: str,
     scheduler: str | None,
     progress: bool,
+    force: bool,
 ) -> BuildResult:
     store, dtype = plan.store, plan.dtype
     dataset_record = commit_dataset(store, plan.dataset)
-    with store.stage("features", plan.name, plan.key) as staging:
+    with store.stage("features", plan.name, plan.key, fresh=force) as staging:
         if staging.committed is not None:
             return _result(store, staging.committed, cached=True)
         todo = [c for c in plan.dataset.clips() if c not in finished_clips(staging.scratch)]

@@ -102,6 +102,7 @@ def predict_dataset(
     device: str = "auto",
     progress: bool = True,
     wandb: bool = False,
+    force: bool = False,
 ) -> PredictResult:
     """Predict every frame of ``data`` (a path, a loaded Dataset, or None for the demo) with a decoder.
 
@@ -109,6 +110,7 @@ def predict_dataset(
     then be that artifact's dataset or some of its clips (same rows, frames and source files), which is
     how a clip subset (e.g. held-out clips) is predicted from features built for the whole dataset.
     ``out`` additionally places a copy of the contest folder there; it must not exist or be empty.
+    ``force`` predicts even when a result with the same inputs is committed, as a new version.
     """
     if batch_size < 1:
         raise FeatstoreError(f"--batch-size {batch_size} must be at least 1")
@@ -137,13 +139,13 @@ def predict_dataset(
         job.use(decoder_record)
         if artifact is not None:
             job.use(artifact.record)
-        record = store.find("result", name, key)
+        record = None if force else store.find("result", name, key)
         cached = record is not None
         if record is not None:
             store.require_intact(record)
         else:
             record = _predict_uncached(store, name, key, decoder_record, dataset, artifact, torch_device,
-                                       batch_size=batch_size, progress=progress)
+                                       batch_size=batch_size, progress=progress, fresh=force)
         job.log(record)
         job.log_metrics({"frames": record.metadata["frames"], "fps": record.metadata["fps"], "cached": cached})
     folder = store.path(record)
@@ -223,6 +225,7 @@ def _predict_uncached(
     *,
     batch_size: int,
     progress: bool,
+    fresh: bool,
 ) -> ArtifactRecord:
     decoder, _ = load_decoder(store, decoder_record.ref, device)
     extractor = None if artifact is not None else _rebuild_backbone(decoder_record, device)
@@ -257,7 +260,7 @@ def _predict_uncached(
         "featstore_version": __version__,
     }
     parents = [decoder_record.ref, dataset_record.ref] + ([artifact.record.ref] if artifact is not None else [])
-    with store.stage("result", name, key) as staging:
+    with store.stage("result", name, key, fresh=fresh) as staging:
         if staging.committed is not None:
             return staging.committed
         started = time.perf_counter()

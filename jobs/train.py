@@ -117,8 +117,12 @@ def train_decoders(
     device: str = "auto",
     progress: bool = True,
     wandb: bool = False,
+    force: bool = False,
 ) -> TrainResult:
-    """Train one head per grid point on device-resident features; commit the best on validation clips."""
+    """Train one head per grid point on device-resident features; commit the best on validation clips.
+
+    The same features, split and grid again are a cache hit; ``force`` trains anyway and commits a new version.
+    """
     if batch_size < 1:
         raise FeatstoreError(f"--batch-size {batch_size} must be at least 1")
     if epochs < 1:
@@ -161,7 +165,7 @@ def train_decoders(
     with WandbJob("train", run_config, enabled=wandb_requested(wandb), store=store) as job:
         for parent in parents:
             job.use(store.resolve(parent))
-        cached = store.find("decoder", name, key)
+        cached = None if force else store.find("decoder", name, key)
         if cached is not None:
             job.log(cached)
             return TrainResult(cached, cached=True)
@@ -175,7 +179,8 @@ def train_decoders(
         )
         heads = train_heads(train, val, configs, epochs=epochs, batch_size=batch_size, seed=seed, progress=progress)
         best = best_head(heads)
-        record = _commit(store, name, key, parents, artifact, best, heads, train_clips, val_clips, split)
+        record = _commit(store, name, key, parents, artifact, best, heads, train_clips, val_clips, split,
+                         fresh=force)
         job.log(record)
         job.log_metrics({k: v for k, v in record.metadata.items() if isinstance(v, int | float)})
     return TrainResult(record, cached=False)
@@ -192,6 +197,8 @@ def _commit(
     train_clips: list[str],
     val_clips: list[str],
     split: dict[str, Any],
+    *,
+    fresh: bool,
 ) -> ArtifactRecord:
     decoder: Decoder = best.decoder.cpu().float()
     sizes = contest_feature_sizes(artifact)
@@ -224,7 +231,7 @@ def _commit(
         "split": split,
         "heads": [{k: v for k, v in h.metrics().items() if k != "val_per_clip"} for h in heads],
     }
-    with store.stage("decoder", name, key) as staging:
+    with store.stage("decoder", name, key, fresh=fresh) as staging:
         if staging.committed is not None:
             return staging.committed
         buffer = io.BytesIO()

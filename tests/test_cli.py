@@ -83,3 +83,10 @@ def test_common_options_work_before_and_after_the_command(
     assert main(filled) == 0
     listing = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {record["type"] for record in listing["artifacts"]} == {"dataset", "features"}
+
+
+@pytest.mark.parametrize("command", [["build", "--backbone", "tiny"], ["train", "--features", "x"],
+                                     ["predict", "--decoder", "x", "--data", "d"], ["compare", "--backbones", "tiny"]])
+def test_commands_that_compute_take_force(command: list[str]) -> None:
+    assert build_parser().parse_args([*command, "--force"]).force is True
+    assert build_parser().parse_args(command).force is False

@@ -88,6 +88,17 @@ def test_a_second_run_computes_nothing(compared: Compared) -> None:
     assert again.csv.read_text() == csv
 
 
+def test_force_recomputes_every_step_as_new_versions(tmp_path: Path) -> None:
+    data = write_davis(tmp_path / "clips", CLIPS, size=SIZE, seed=5)
+    store = Store(tmp_path / "store")
+    (first,) = compare_backbones(store, data, ["tiny@random"], out_dir=tmp_path / "board", **FAST).rows
+    (forced,) = compare_backbones(store, data, ["tiny@random"], out_dir=tmp_path / "board", force=True, **FAST).rows
+    assert not forced["cached"]
+    for step in ("features_ref", "decoder_ref", "result_ref"):
+        assert first[step].endswith(":v1") and forced[step] == first[step].replace(":v1", ":v2"), step
+    assert forced["mean_iou"] == first["mean_iou"], "the same inputs score the same"
+
+
 def test_an_over_budget_backbone_is_a_row_not_an_abort(compared: Compared, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     budget = 1_000_000  # above tiny plus its head, far below resnet18's 11M

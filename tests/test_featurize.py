@@ -122,6 +122,49 @@ def test_damaged_chunk_is_caught_by_readers_and_verify(tmp_path: Path, small_dav
     assert open_features(store, result.ref).read("alpha", "stage2").shape[0] == 5, "intact clips stay readable"
 
 
+def test_force_replaces_a_damaged_artifact_with_a_new_version(tmp_path: Path, small_davis: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    store = Store(tmp_path / "store")
+    first = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
+    chunk = sorted((first.path / "features" / "stage2" / "gamma").glob("c.*"))[0]
+    chunk.unlink()
+    with pytest.raises(StoreError, match="again with --force"):
+        open_features(store, first.ref).read("gamma", "stage2")
+    again = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
+    assert again.cached and again.ref == first.ref, "without --force the same inputs are a cache hit"
+
+    args = ["build", "--backbone", "tiny", "--weights", "random", "--data", str(small_davis), "--device", "cpu",
+            "--store", str(store.root), "--quiet", "--json"]
+    capsys.readouterr()
+    assert main([*args, "--force"]) == 0
+    forced = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert not forced["cached"] and forced["ref"] != first.ref and forced["ref"].endswith(":v2")
+    record = store.resolve(forced["ref"])
+    assert record.key == first.record.key and store.verify(record) == []
+    assert store.resolve(first.record.name).ref == forced["ref"], "the new version is latest"
+    fresh = open_features(store, forced["ref"])
+    intact = open_features(store, first.ref)
+    assert torch.equal(fresh.read("alpha", "stage2"), intact.read("alpha", "stage2")), "same inputs, same features"
+    assert fresh.read("gamma", "stage2").shape[0] == 4
+
+    assert main(args) == 0
+    cached = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cached["cached"] and cached["ref"] == forced["ref"], "the cache now answers with the new version"
+
+
+def test_force_does_not_resume_an_interrupted_build(tmp_path: Path, small_davis: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    store = Store(tmp_path / "store")
+    plan, extractor = prepare_build(store, "tiny", small_davis, weights="random")
+    with store.stage("features", plan.name, plan.key) as staging:
+        featurize_clips(extractor, plan.dataset, ["alpha"], staging.path / "features.zarr", staging.scratch,
+                        dtype="float16", batch_size=2, progress=False)
+    result = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False, force=True)
+    assert "already finished" not in capsys.readouterr().err
+    assert result.frames == 12 and store.verify(result.record) == []
+    assert not list((store.root / "staging").glob("features-*/"))
+
+
 def test_cli_build_ls_show_verify_json(tmp_path: Path, small_davis: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = str(tmp_path / "store")
     args = ["build", "--backbone", "tiny", "--weights", "random", "--data", str(small_davis), "--store", store,

@@ -265,3 +265,20 @@ def test_wandb_run_uses_the_decoder_and_features_and_logs_the_result(
     assert used == set(result.record.parents) and {decoder.ref, trained.features} < used
     logged = json.loads(run.logged[result.record.name].metadata)
     assert logged["nparams"] == decoder.metadata["nparams"] and logged["featstore_ref"] == result.ref
+
+
+def test_a_damaged_result_says_how_to_recompute_it_and_force_does(trained: Trained, tmp_path: Path) -> None:
+    folder = write_contest_test_set(tmp_path / "forced", load_dataset(trained.data))
+    store, decoder_ref = trained.store, trained.decoders["fpn"]
+    first = predict_dataset(store, decoder_ref, folder, device="cpu", progress=False)
+    kept = png_bytes(first)
+    removed = sorted((first.out / "outputs").iterdir())[0]
+    removed.unlink()
+    with pytest.raises(StoreError, match=r"`featstore predict` command again with --force"):
+        predict_dataset(store, decoder_ref, folder, device="cpu", progress=False)
+    forced = predict_dataset(store, decoder_ref, folder, device="cpu", progress=False, force=True)
+    assert not forced.cached and forced.ref != first.ref and forced.record.key == first.record.key
+    assert store.verify(forced.record) == []
+    assert png_bytes(forced) == kept, "the same inputs give the same PNGs, the lost one included"
+    again = predict_dataset(store, decoder_ref, folder, device="cpu", progress=False)
+    assert again.cached and again.ref == forced.ref

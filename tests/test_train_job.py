@@ -88,6 +88,19 @@ def test_cli_train_json(tiny_features: tuple[Store, str], capsys: pytest.Capture
     assert "no features artifact named 'nope'" in capsys.readouterr().err
 
 
+def test_training_again_is_a_cache_hit_unless_forced(tiny_features: tuple[Store, str]) -> None:
+    store, ref = tiny_features
+    options = {"decoders": ["linear"], "epochs": 1, "batch_size": 4, "device": "cpu", "progress": False}
+    first = train_decoders(store, ref, **options)
+    again = train_decoders(store, ref, **options)
+    assert again.cached and again.ref == first.ref
+    forced = train_decoders(store, ref, force=True, **options)
+    assert not forced.cached and forced.ref.endswith(":v2") and forced.record.key == first.record.key
+    assert store.resolve(forced.record.name).ref == forced.ref
+    assert forced.record.metadata["val_mean_iou"] == first.record.metadata["val_mean_iou"], "same seed, same head"
+    assert train_decoders(store, ref, **options).ref == forced.ref
+
+
 def test_trained_decoder_predicts_full_resolution(tiny_features: tuple[Store, str]) -> None:
     store, ref = tiny_features
     result = train_decoders(store, ref, decoders=["linear"], epochs=1, device="cpu", progress=False)
