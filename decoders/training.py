@@ -58,7 +58,8 @@ class HeadConfig:
     @property
     def label(self) -> str:
         options = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
-        return f"{self.decoder}({options}) lr={self.lr:g} wd={self.weight_decay:g} {self.schedule}"
+        name = f"{self.decoder}({options})" if options else self.decoder
+        return f"{name} lr={self.lr:g} wd={self.weight_decay:g} {self.schedule}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -87,7 +88,11 @@ class HeadConfig:
 
 @dataclass
 class TrainedHead:
-    """A trained head with its timing and validation scores (``None`` without validation data)."""
+    """A trained head with its timing and validation scores (``None`` without validation data).
+
+    ``final_loss`` is the last step's loss; ``epoch_losses`` the mean loss of each epoch's steps, the curve
+    that tells a learning rate that diverged or stalled from one that converged.
+    """
 
     config: HeadConfig
     decoder: Decoder
@@ -95,6 +100,7 @@ class TrainedHead:
     train_frames: int
     final_loss: float
     val: Scores | None
+    epoch_losses: tuple[float, ...] = ()
 
     @property
     def nparams(self) -> int:
@@ -117,6 +123,7 @@ class TrainedHead:
             "train_frames": self.train_frames,
             "train_frames_per_s": self.train_frames_per_s,
             "final_loss": self.final_loss,
+            "epoch_losses": list(self.epoch_losses),
             "val_mean_iou": self.val.mean_iou if self.val else None,
             "val_j_mean": self.val.j_mean if self.val else None,
             "val_per_clip": dict(self.val.per_clip) if self.val else None,
@@ -340,11 +347,15 @@ def train_heads(
         generator = torch.Generator(device=device).manual_seed(seed)
         clock = HeadClock(len(units), device)
         losses = [torch.zeros(len(unit.heads), device=device) for unit in units]
+        # Summed on the device and read once at the end: a per-epoch read would wait for the GPU.
+        epoch_sums = [torch.zeros((epochs, len(unit.heads)), device=device) for unit in units]
+        steps_per_epoch = 0
         frames = 0
         bar = tqdm(
             total=total_steps, desc=f"training {len(heads)} head(s)", file=sys.stderr, disable=not progress
         )
-        for _epoch in range(epochs):
+        for epoch in range(epochs):
+            steps_per_epoch = 0
             for index in train.batches(batch_size, generator):
                 features = train.gather(index, gathered)
                 masks = train.mask(index)  # uint8: the loss converts each chunk of frames as it reads it
@@ -353,13 +364,17 @@ def train_heads(
                     clock.start(u)
                     losses[u] = unit.step(features, gathered, masks)
                     clock.stop(u)
+                    epoch_sums[u][epoch] += losses[u]
+                steps_per_epoch += 1
                 bar.update(1)
             if progress:  # once an epoch: reading the loss waits for the GPU
-                bar.set_postfix(loss=f"{float(torch.cat(losses).min()):.3f}")
+                best = float(torch.cat([sums[epoch] for sums in epoch_sums]).min()) / steps_per_epoch
+                bar.set_postfix(loss=f"{best:.3f}")
         bar.close()
         for unit in units:
             unit.finish()
         unit_seconds = clock.seconds()
+        curves = [(sums / steps_per_epoch).T.tolist() for sums in epoch_sums]  # per unit: head -> epochs
         results = []
         for config, head in zip(configs, heads, strict=True):
             u, k = place[id(head)]
@@ -368,7 +383,7 @@ def train_heads(
             head.eval()
             scores = evaluate(head, val, batch_size=batch_size) if val is not None else None
             elapsed = unit_seconds[u] / len(units[u].heads)  # a group's time, shared by its heads
-            results.append(TrainedHead(config, head, elapsed, frames, loss, scores))
+            results.append(TrainedHead(config, head, elapsed, frames, loss, scores, tuple(curves[u][k])))
         return results
 
 

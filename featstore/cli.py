@@ -72,6 +72,7 @@ def cmd_build(args: argparse.Namespace, store: Store) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace, store: Store) -> dict[str, Any]:
     from jobs.train import train_decoders
+    from jobs.training_curves import PLOT_FILE
 
     result = train_decoders(
         store,
@@ -91,6 +92,8 @@ def cmd_train(args: argparse.Namespace, store: Store) -> dict[str, Any]:
         force=args.force,
     )
     out = result.to_json()
+    plot = store.path(result.record) / PLOT_FILE
+    out["plot"] = str(plot) if plot.is_file() else None  # decoders trained before the plot existed have none
     if not args.json:
         _say(
             f"decoder           {result.ref}{'  (cached: nothing trained)' if result.cached else ''}",
@@ -103,6 +106,8 @@ def cmd_train(args: argparse.Namespace, store: Store) -> dict[str, Any]:
         if len(out["heads"]) > 1:
             for head in sorted(out["heads"], key=lambda h: -(h["val_mean_iou"] or 0)):
                 _say(f"  {head['head']:<48} val IoU {head['val_mean_iou']:.4f}")
+        if out["plot"]:
+            _say(f"loss curves       {out['plot']}")
     return out
 
 

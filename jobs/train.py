@@ -32,6 +32,7 @@ from featstore.features import FeatureArtifact, open_features
 from featstore.store import ArtifactRecord, Store, canonical_hash, write_json_atomic
 from featstore.wandb_sync import WandbJob, wandb_requested
 from jobs.featurize import resolve_device
+from jobs.training_curves import PLOT_FILE, write_training_curves
 
 DEFAULT_BUDGET = 50_000_000
 WEIGHTS_FILE = "decoder.pt"
@@ -239,4 +240,6 @@ def _commit(
         (staging.path / WEIGHTS_FILE).write_bytes(buffer.getvalue())
         write_json_atomic(staging.path / SPEC_FILE, decoder.spec())
         write_json_atomic(staging.path / METRICS_FILE, [h.metrics() for h in heads])
+        write_training_curves([h.metrics() for h in heads], staging.path / PLOT_FILE, best=best.config.label,
+                              title=f"{name}: {len(heads)} head(s) on {artifact.record.ref}")
         return staging.commit(parents=parents, metadata=metadata)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_davis
+from PIL import Image
 
 from decoders import DeviceFeatures, evaluate
 from featstore.cli import main
@@ -81,6 +82,11 @@ def test_cli_train_json(tiny_features: tuple[Store, str], capsys: pytest.Capture
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"ref", "nparams_backbone", "nparams_head", "nparams", "train_frames_per_s", "val_mean_iou"} <= set(out)
     assert out["nparams"] == out["nparams_backbone"] + out["nparams_head"]
+    assert all(len(head["epoch_losses"]) == 1 for head in out["heads"])
+    record = store.resolve(out["ref"])
+    assert out["plot"] == str(store.path(record) / "training.png") and "training.png" in record.manifest
+    with Image.open(out["plot"]) as plot:
+        assert plot.format == "PNG" and plot.width >= 800
     with pytest.raises(SystemExit) as bad_lr:
         main(["train", "--features", ref, "--store", str(store.root), "--lr", "fast"])
     assert bad_lr.value.code == 2 and "'fast' is not a comma-separated list" in capsys.readouterr().err

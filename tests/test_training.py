@@ -146,12 +146,28 @@ def test_stacked_heads_train_like_heads_stepped_one_by_one() -> None:
         for key in state_a:
             torch.testing.assert_close(state_a[key], state_b[key], rtol=1e-4, atol=1e-5)
         assert a.final_loss == pytest.approx(b.final_loss, rel=1e-4)
+        assert len(a.epoch_losses) == 2 and a.epoch_losses == pytest.approx(b.epoch_losses, rel=1e-4)
         assert a.val is not None and b.val is not None
         assert a.val.mean_iou == pytest.approx(b.val.mean_iou, abs=1e-3)
         assert a.train_seconds > 0
     first = dict(one_by_one[0].decoder.named_parameters())
     moved = any(not torch.equal(p, first[k]) for k, p in one_by_one[2].decoder.named_parameters())
     assert moved, "heads of one group keep their own weights"
+
+
+def test_epoch_losses_are_the_mean_loss_over_each_epochs_frames() -> None:
+    train = synthetic_features({"a": 6, "b": 6}, seed=3)  # 12 frames: three full batches of 4 an epoch
+    config = HeadConfig("linear", lr=1e-12, weight_decay=0.0, schedule="constant")  # weights stay put
+    (trained,) = train_heads(train, None, [config], epochs=3, batch_size=4, seed=0, progress=False)
+    head = trained.decoder
+    per_frame = []
+    with torch.no_grad():
+        for row in range(len(train)):
+            index = torch.tensor([row])
+            per_frame.append(float(segmentation_loss(head(train.gather(index)), train.mask(index))))
+    expected = sum(per_frame) / len(per_frame)
+    assert trained.epoch_losses == pytest.approx([expected] * 3, rel=1e-5)
+    assert trained.metrics()["epoch_losses"] == list(trained.epoch_losses)
 
 
 def test_heads_trained_together_match_heads_trained_alone() -> None:
