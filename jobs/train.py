@@ -183,6 +183,8 @@ def train_decoders(
         record = _commit(store, name, key, parents, artifact, best, heads, train_clips, val_clips, split,
                          fresh=force)
         job.log(record)
+        for epoch in range(epochs):  # the loss curves as W&B charts, one line per head
+            job.log_metrics({"epoch": epoch + 1, **{f"train_loss/{h.config.label}": h.epoch_losses[epoch] for h in heads}})
         job.log_metrics({k: v for k, v in record.metadata.items() if isinstance(v, int | float)})
     return TrainResult(record, cached=False)
 

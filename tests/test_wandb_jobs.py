@@ -31,7 +31,7 @@ def test_jobs_mirror_their_lineage(tmp_path: Path, small_davis: Path, monkeypatc
 
     built = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False, wandb=True)
     newest_run("featurize")
-    trained = train_decoders(store, built.ref, decoders=["linear"], epochs=1, device="cpu", progress=False,
+    trained = train_decoders(store, built.ref, decoders=["linear"], epochs=2, device="cpu", progress=False,
                              wandb=True)
     newest_run("train")
     predicted = predict_dataset(store, trained.ref, small_davis, device="cpu", progress=False, wandb=True)
@@ -52,3 +52,7 @@ def test_jobs_mirror_their_lineage(tmp_path: Path, small_davis: Path, monkeypatc
     assert {"paths.json", "metadata.json"} <= logged_files
     assert sum(p.startswith("outputs/") for p in logged_files) == 12
     assert all(parent.split(":")[0] in runs["predict"].used for parent in predicted.record.parents)
+    curve = [row for row in runs["train"].history if "epoch" in row]
+    (head,) = trained.record.metadata["heads"]
+    assert [row["epoch"] for row in curve] == [1, 2]
+    assert [row[f"train_loss/{head['head']}"] for row in curve] == pytest.approx(head["epoch_losses"])
