@@ -242,6 +242,19 @@ class _VerifyFailed(Exception):
         self.payload = payload
 
 
+def cmd_rm(args: argparse.Namespace, store: Store) -> dict[str, Any]:
+    from featstore.removal import plan_removal, remove
+
+    removal = plan_removal(store, args.refs, cascade=args.cascade)
+    if not args.dry_run:
+        remove(store, removal)
+    if not args.json:
+        verb, freed = ("would remove", "would free") if args.dry_run else ("removed", "freed")
+        _say(*(f"{verb:<13} {record.ref}  ({record.type})" for record in removal.records),
+             f"{freed:<13} {_human_bytes(removal.bytes)}")
+    return {"removed": removal.refs, "bytes": removal.bytes, "dry_run": args.dry_run}
+
+
 def cmd_evaluate(args: argparse.Namespace, store: Store) -> dict[str, Any]:
     from jobs.evaluate import evaluate
 
@@ -421,6 +434,16 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("ref")
     _add_common(verify)
     verify.set_defaults(handler=cmd_verify)
+
+    rm = sub.add_parser(
+        "rm",
+        help="remove committed versions to free disk (never their version numbers); refuses to orphan dependents",
+    )
+    rm.add_argument("refs", nargs="+", metavar="REF", help="NAME:vN, as `featstore ls` lists them")
+    rm.add_argument("--cascade", action="store_true", help="also remove every artifact made from them")
+    rm.add_argument("--dry-run", action="store_true", help="print what would be removed and freed; remove nothing")
+    _add_common(rm)
+    rm.set_defaults(handler=cmd_rm)
 
     evaluate = sub.add_parser("evaluate", help="score a contest result folder against annotations")
     evaluate.add_argument("result_dir", type=Path)

@@ -36,6 +36,7 @@ from featstore.errors import StoreError
 
 ARTIFACT_TYPES = ("dataset", "features", "decoder", "result")
 RECORD_FILE = "artifact.json"
+REMOVED_FILE = "removed.json"  # a version's tombstone, left by `featstore rm` (featstore.removal)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _REF_RE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*?)(?::(?P<alias>v\d+|latest))?$")
 
@@ -285,6 +286,18 @@ class Store:
                     damaged.append(str(exc))
         return sorted(records, key=lambda r: r.version)
 
+    def _removed_note(self, type: str, name: str, version: int | None) -> str | None:
+        """``removed with `featstore rm` on <when>`` for a tombstoned version (None: the newest tombstone)."""
+        folder = self.root / "artifacts" / type / name
+        pattern = f"v{version}/{REMOVED_FILE}" if version is not None else f"v*/{REMOVED_FILE}"
+        notes = []
+        for tombstone in sorted(folder.glob(pattern)) if folder.is_dir() else []:
+            try:
+                notes.append(f"removed with `featstore rm` on {json.loads(tombstone.read_text())['removed']}")
+            except (OSError, ValueError, KeyError, TypeError):
+                notes.append("removed with `featstore rm`")
+        return notes[-1] if notes else None
+
     def _load_record(self, record_file: Path) -> ArtifactRecord:
         try:
             return ArtifactRecord.from_dict(json.loads(record_file.read_text()))
@@ -333,6 +346,9 @@ class Store:
         candidates = [r for kind in kinds for r in self._records(kind, name)]
         if not candidates:
             what = f"{type} artifact" if type else "artifact"
+            removed = [note for kind in kinds if (note := self._removed_note(kind, name, None))]
+            if removed:
+                raise StoreError(f"every version of {name!r} was {removed[0]}: run the job that made it again")
             raise StoreError(f"no {what} named {name!r} in the store {self.root}: `featstore ls` lists what is there")
         if len({r.type for r in candidates}) > 1:
             raise StoreError(f"{name!r} names artifacts of several types; pass the type explicitly")
@@ -342,6 +358,9 @@ class Store:
         for record in candidates:
             if record.version == version:
                 return record
+        removed = self._removed_note(candidates[0].type, name, version)
+        if removed:
+            raise StoreError(f"{name}:v{version} was {removed}; known versions: {', '.join(r.ref for r in candidates)}")
         known = ", ".join(r.ref for r in candidates)
         raise StoreError(f"{ref!r} does not exist in the store {self.root}; known versions: {known}")
 
