@@ -346,9 +346,9 @@ class Store:
         candidates = [r for kind in kinds for r in self._records(kind, name)]
         if not candidates:
             what = f"{type} artifact" if type else "artifact"
-            removed = [note for kind in kinds if (note := self._removed_note(kind, name, None))]
-            if removed:
-                raise StoreError(f"every version of {name!r} was {removed[0]}: run the job that made it again")
+            notes = [note for kind in kinds if (note := self._removed_note(kind, name, None))]
+            if notes:
+                raise StoreError(f"every version of {name!r} was {notes[0]}: run the job that made it again")
             raise StoreError(f"no {what} named {name!r} in the store {self.root}: `featstore ls` lists what is there")
         if len({r.type for r in candidates}) > 1:
             raise StoreError(f"{name!r} names artifacts of several types; pass the type explicitly")
