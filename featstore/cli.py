@@ -16,7 +16,7 @@ from typing import Any
 
 from featstore import __version__
 from featstore.errors import FeatstoreError
-from featstore.store import Store, default_store_root
+from featstore.store import Store, default_store_root, recompute_hint
 
 Handler = Callable[[argparse.Namespace, Store], dict[str, Any]]
 
@@ -225,12 +225,15 @@ def _lineage(store: Store, ref: str) -> list[str]:
 def cmd_verify(args: argparse.Namespace, store: Store) -> dict[str, Any]:
     record = store.resolve(args.ref)
     problems = store.verify(record)
+    fix = recompute_hint(record.type) if problems else None
     if not args.json:
         if problems:
-            _say(f"{record.ref}: {len(problems)} problem(s)", *(f"  {p}" for p in problems))
+            _say(f"{record.ref}: {len(problems)} problem(s)", *(f"  {p}" for p in problems), f"fix: {fix}")
         else:
             _say(f"{record.ref}: ok, {len(record.manifest)} files match their sha256")
     result = {"ref": record.ref, "ok": not problems, "problems": problems, "files": len(record.manifest)}
+    if fix:
+        result["fix"] = fix
     if problems:
         raise _VerifyFailed(result)
     return result
@@ -245,14 +248,22 @@ class _VerifyFailed(Exception):
 def cmd_rm(args: argparse.Namespace, store: Store) -> dict[str, Any]:
     from featstore.removal import plan_removal, remove
 
-    removal = plan_removal(store, args.refs, cascade=args.cascade)
-    if not args.dry_run:
-        remove(store, removal)
+    if args.dry_run:
+        removal, freed = plan_removal(store, args.refs, cascade=args.cascade), None
+    else:
+        removal, freed = remove(store, args.refs, cascade=args.cascade)
+    for warning in removal.warnings:
+        print(f"featstore rm: warning: {warning}", file=sys.stderr)
     if not args.json:
-        verb, freed = ("would remove", "would free") if args.dry_run else ("removed", "freed")
-        _say(*(f"{verb:<13} {record.ref}  ({record.type})" for record in removal.records),
-             f"{freed:<13} {_human_bytes(removal.bytes)}")
-    return {"removed": removal.refs, "bytes": removal.bytes, "dry_run": args.dry_run}
+        verb = "would remove" if freed is None else "removed"
+        _say(*(f"{verb:<13} {record.ref}  ({record.type})" for record in removal.records))
+        if freed is None:
+            _say(f"{'would free':<13} {_human_bytes(removal.bytes)}")
+        else:
+            _say(f"{'freed':<13} {_human_bytes(freed)}")
+    if freed is None:
+        return {"would_remove": removal.refs, "bytes": removal.bytes, "dry_run": True}
+    return {"removed": removal.refs, "bytes": freed, "dry_run": False}
 
 
 def cmd_evaluate(args: argparse.Namespace, store: Store) -> dict[str, Any]:

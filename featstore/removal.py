@@ -11,6 +11,7 @@ version is left with a parent that is gone.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import shutil
@@ -35,15 +36,21 @@ class Removal:
 
     records: tuple[ArtifactRecord, ...]
     bytes: int
+    warnings: tuple[str, ...] = ()  # unreadable records, whose parents could not be checked
 
     @property
     def refs(self) -> list[str]:
         return [record.ref for record in self.records]
 
 
-def dependents(store: Store, records: Sequence[ArtifactRecord]) -> list[ArtifactRecord]:
-    """Every committed version made, directly or through others, from one of ``records``."""
-    everything = store.list()
+def dependents(
+    store: Store, records: Sequence[ArtifactRecord], unreadable: list[str] | None = None
+) -> list[ArtifactRecord]:
+    """Every committed version made, directly or through others, from one of ``records``.
+
+    Versions whose record cannot be read are described in ``unreadable`` (they cannot be checked).
+    """
+    everything = store.list(damaged=unreadable if unreadable is not None else [])
     reached = {record.ref for record in records}
     found: list[ArtifactRecord] = []
     changed = True
@@ -59,48 +66,61 @@ def dependents(store: Store, records: Sequence[ArtifactRecord]) -> list[Artifact
 
 def plan_removal(store: Store, refs: Sequence[str], *, cascade: bool) -> Removal:
     """Resolve explicit ``NAME:vN`` references and order their removal; refuse to orphan a dependent."""
-    chosen: list[ArtifactRecord] = []
-    for ref in dict.fromkeys(refs):
+    chosen: dict[str, ArtifactRecord] = {}
+    for ref in refs:
         if ":v" not in ref:
             raise StoreError(
                 f"{ref!r}: name the version to remove, as NAME:vN (`featstore ls` lists them); removal never "
                 "guesses a version"
             )
-        chosen.append(store.resolve(ref))
-    made_from = dependents(store, chosen)
+        record = store.resolve(ref)
+        chosen[record.ref] = record
+    unreadable: list[str] = []
+    made_from = dependents(store, list(chosen.values()), unreadable)
     if made_from and not cascade:
         shown = ", ".join(record.ref for record in made_from[:6]) + (" ..." if len(made_from) > 6 else "")
         raise StoreError(
-            f"{len(made_from)} artifact(s) were made from {', '.join(r.ref for r in chosen)}: {shown}. Remove "
-            "them first, or pass --cascade to remove them too"
+            f"{len(made_from)} artifact(s) were made from {', '.join(chosen)}: {shown}. Remove them first, or "
+            "pass --cascade to remove them too"
         )
+    among = {**chosen, **{record.ref: record for record in made_from}}
     # Deepest first: a removal stopped part-way never leaves a version whose parent is gone.
-    depth = {record.ref: _depth(record, {r.ref: r for r in chosen + made_from}) for record in chosen + made_from}
-    ordered = sorted(chosen + made_from, key=lambda record: -depth[record.ref])
-    return Removal(tuple(ordered), sum(_folder_bytes(store.path(record)) for record in ordered))
+    ordered = sorted(among.values(), key=lambda record: -_depth(record, among))
+    # The record itself stays, as the tombstone: everything else is freed.
+    size = sum(_folder_bytes(store.path(r)) - (store.path(r) / RECORD_FILE).stat().st_size for r in ordered)
+    return Removal(tuple(ordered), size, tuple(unreadable))
 
 
-def remove(store: Store, removal: Removal) -> None:
-    """Hide each version by renaming its record to the tombstone, then delete its data files."""
-    for record in removal.records:
-        folder = store.path(record)
-        tombstone = {
-            "removed": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "record": record.to_dict(),
-        }
-        try:
-            # The commit point: once the record is renamed the version is gone for every reader.
-            os.replace(folder / RECORD_FILE, folder / REMOVED_FILE)
-            write_json_atomic(folder / REMOVED_FILE, tombstone)
-        except FileNotFoundError:
-            continue  # another `featstore rm` took it first
-        except OSError as exc:
-            raise StoreError(describe_os_error(exc, store.root)) from exc
-    sweep(store)
+def remove(store: Store, refs: Sequence[str], *, cascade: bool) -> tuple[Removal, int]:
+    """Remove versions (and with ``cascade`` their dependents); returns the plan and the bytes freed.
+
+    Under the store's exclusive lineage lock each record is renamed to its tombstone, the moment the version
+    disappears; no data is written before that, so a full disk does not stop it. The files are deleted
+    next, and the tombstone is stamped with the time last.
+    """
+    with store.lineage_lock(exclusive=True):
+        removal = plan_removal(store, refs, cascade=cascade)
+        hidden = []
+        for record in removal.records:
+            folder = store.path(record)
+            try:
+                os.replace(folder / RECORD_FILE, folder / REMOVED_FILE)
+            except FileNotFoundError:
+                continue  # another `featstore rm` took it first
+            except OSError as exc:
+                raise StoreError(describe_os_error(exc, store.root)) from exc
+            hidden.append(record)
+    freed = sweep(store)
+    when = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    for record in hidden:
+        # Best effort: without the stamp the tombstone still holds the record, and still reads as removed.
+        with contextlib.suppress(OSError):
+            write_json_atomic(store.path(record) / REMOVED_FILE, {"removed": when, "record": record.to_dict()})
+    return removal, freed
 
 
 def sweep(store: Store) -> int:
-    """Delete the data left in tombstoned version folders (by a removal that was stopped); bytes freed."""
+    """Delete the files left in tombstoned version folders; the bytes freed."""
     freed = 0
     for tombstone in store.root.glob(f"artifacts/*/*/v*/{REMOVED_FILE}"):
         folder = tombstone.parent
@@ -109,11 +129,16 @@ def sweep(store: Store) -> int:
         for entry in folder.iterdir():
             if entry.name == REMOVED_FILE:
                 continue
-            freed += _folder_bytes(entry) if entry.is_dir() else entry.stat().st_size
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+            try:
+                if entry.is_dir() and not entry.is_symlink():
+                    size = _folder_bytes(entry)
+                    shutil.rmtree(entry)
+                else:
+                    size = entry.lstat().st_size
+                    entry.unlink()
+            except OSError as exc:
+                raise StoreError(describe_os_error(exc, store.root)) from exc
+            freed += size
     return freed
 
 

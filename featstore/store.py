@@ -201,46 +201,59 @@ class Staging:
             versions_dir = self.store.root / "artifacts" / self.type / self.name
             versions_dir.mkdir(parents=True, exist_ok=True)
             _fsync_folders(self.path)
-            while True:
-                version = self.store._next_version(self.type, self.name)
-                record = ArtifactRecord(
-                    type=self.type,
-                    name=self.name,
-                    version=version,
-                    key=self.key,
-                    parents=tuple(parents),
-                    created=created,
-                    featstore_version=__version__,
-                    metadata=metadata,
-                    manifest=manifest,
-                )
-                write_json_atomic(self.path / RECORD_FILE, record.to_dict())
-                _fsync_dir(self.path)
-                target = versions_dir / f"v{version}"
-                try:
-                    os.rename(self.path, target)
-                except OSError as exc:  # another writer took this version number first
-                    if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                        continue
-                    raise
-                break
+            with self.store.lineage_lock(exclusive=False):
+                record = self._rename_in(parents, metadata, created, manifest, versions_dir)
             _fsync_dir(versions_dir)
         except OSError as exc:
             raise StoreError(describe_os_error(exc, self.store.root)) from exc
         self.committed = record
         return record
 
+    def _rename_in(
+        self, parents: Sequence[str], metadata: dict[str, Any], created: str, manifest: dict[str, str], versions_dir: Path
+    ) -> ArtifactRecord:
+        """Write the record and rename the data into the next free version; the parents must still exist."""
+        for parent in parents:
+            try:
+                self.store.resolve(parent)
+            except StoreError as exc:
+                raise StoreError(
+                    f"cannot commit {self.type} {self.name}: its input {parent} is gone ({exc}); run the job again"
+                ) from exc
+        while True:
+            version = self.store._next_version(self.type, self.name)
+            record = ArtifactRecord(
+                type=self.type,
+                name=self.name,
+                version=version,
+                key=self.key,
+                parents=tuple(parents),
+                created=created,
+                featstore_version=__version__,
+                metadata=metadata,
+                manifest=manifest,
+            )
+            write_json_atomic(self.path / RECORD_FILE, record.to_dict())
+            _fsync_dir(self.path)
+            try:
+                os.rename(self.path, versions_dir / f"v{version}")
+            except OSError as exc:  # another writer took this version number first
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    continue
+                raise
+            return record
+
 
 _RECOMPUTED_BY = {"features": "featstore build", "decoder": "featstore train", "result": "featstore predict"}
 
 
-def _recompute_hint(type: str) -> str:
+def recompute_hint(type: str) -> str:
     """How to replace a damaged artifact: its job again with --force, which commits a fresh version."""
     command = _RECOMPUTED_BY.get(type)
-    if command is None:
-        return "Restore its files, or remove the version folder and run the job that made it again"
-    return (f"Recompute it: run the same `{command}` command again with --force, which commits a new version "
-            "that supersedes this one")
+    if command is None:  # datasets: any build that computes (--force does) records the dataset again
+        return "Run `featstore build` on that data again with --force: it records the dataset anew"
+    return (f"Recompute it: run the `{command}` command that made it again with --force, which commits a new "
+            "version that supersedes this one")
 
 
 def describe_os_error(exc: OSError, root: Path) -> str:
@@ -290,8 +303,9 @@ class Store:
         """``removed with `featstore rm` on <when>`` for a tombstoned version (None: the newest tombstone)."""
         folder = self.root / "artifacts" / type / name
         pattern = f"v{version}/{REMOVED_FILE}" if version is not None else f"v*/{REMOVED_FILE}"
+        found = folder.glob(pattern) if folder.is_dir() else []
         notes = []
-        for tombstone in sorted(folder.glob(pattern)) if folder.is_dir() else []:
+        for tombstone in sorted(found, key=lambda path: int(path.parent.name[1:]) if path.parent.name[1:].isdigit() else 0):
             try:
                 notes.append(f"removed with `featstore rm` on {json.loads(tombstone.read_text())['removed']}")
             except (OSError, ValueError, KeyError, TypeError):
@@ -343,7 +357,10 @@ class Store:
             raise StoreError(f"{ref!r} is not an artifact reference: use NAME:vN or NAME:latest (see `featstore ls`)")
         name, alias = match["name"], match["alias"] or "latest"
         kinds = [type] if type else list(ARTIFACT_TYPES)
-        candidates = [r for kind in kinds for r in self._records(kind, name)]
+        unreadable: builtins.list[str] = []
+        candidates = [r for kind in kinds for r in self._records(kind, name, unreadable)]
+        if unreadable and alias == "latest":  # the newest may be the unreadable one: never skip it silently
+            raise StoreError(unreadable[0])
         if not candidates:
             what = f"{type} artifact" if type else "artifact"
             notes = [note for kind in kinds if (note := self._removed_note(kind, name, None))]
@@ -358,6 +375,8 @@ class Store:
         for record in candidates:
             if record.version == version:
                 return record
+        if unreadable:  # the version asked for may be the one whose record is unreadable
+            raise StoreError(unreadable[0])
         removed = self._removed_note(candidates[0].type, name, version)
         if removed:
             raise StoreError(f"{name}:v{version} was {removed}; known versions: {', '.join(r.ref for r in candidates)}")
@@ -384,10 +403,29 @@ class Store:
         if problems:
             shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
             raise StoreError(
-                f"artifact {record.ref} at {self.path(record)} is damaged: {shown}. {_recompute_hint(record.type)}"
+                f"artifact {record.ref} at {self.path(record)} is damaged: {shown}. {recompute_hint(record.type)}"
             )
 
     # --- writing -----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lineage_lock(self, *, exclusive: bool) -> Iterator[None]:
+        """Held shared by every commit (parents checked, then renamed in) and exclusive by ``featstore rm``.
+
+        So a version is never removed between a job's check that its parents exist and its commit: the job
+        either commits first (and rm then sees the new dependent) or finds the parent gone.
+        """
+        try:
+            (self.root / "staging").mkdir(parents=True, exist_ok=True)
+            handle = open(self.root / "staging" / "lineage.lock", "a+")  # noqa: SIM115 -- closed in finally
+        except OSError as exc:
+            raise StoreError(describe_os_error(exc, self.root)) from exc
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
 
     @contextlib.contextmanager
     def stage(self, type: str, name: str, key: str, *, fresh: bool = False) -> Iterator[Staging]:

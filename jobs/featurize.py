@@ -85,8 +85,17 @@ def feature_artifact_name(dataset: Dataset, backbone: str, weights: str) -> str:
 
 
 def commit_dataset(store: Store, dataset: Dataset) -> ArtifactRecord:
-    """Record the dataset (its frame table and digest) as an artifact, the root of every lineage."""
-    with store.stage("dataset", dataset.name, dataset.digest()) as staging:
+    """Record the dataset (its frame table and digest) as an artifact, the root of every lineage.
+
+    A committed record of the same content is reused unless its files are damaged; then the dataset is
+    recorded again as a new version (the table is rebuilt from the files at hand, so nothing is lost).
+    """
+    existing = store.find("dataset", dataset.name, dataset.digest())
+    damaged = existing is not None and bool(store.verify(existing))
+    if existing is not None and damaged:
+        print(f"featstore: the dataset record {existing.ref} is damaged; recording {dataset.name} again",
+              file=sys.stderr)
+    with store.stage("dataset", dataset.name, dataset.digest(), fresh=damaged) as staging:
         if staging.committed is not None:
             return staging.committed
         table = [

@@ -36,7 +36,7 @@ from featstore.features import FeatureArtifact, open_features, parse_dtype
 from featstore.frame_stream import FrameStream
 from featstore.metrics import probability_to_u8
 from featstore.results import METADATA_FILE, OUTPUTS_DIR, PATHS_FILE, write_result_folder
-from featstore.store import ArtifactRecord, Store, canonical_hash, hidden_sibling
+from featstore.store import ArtifactRecord, Store, canonical_hash, hidden_sibling, recompute_hint
 from featstore.wandb_sync import WandbJob, wandb_requested
 from jobs.featurize import commit_dataset, resolve_device
 from jobs.train import load_decoder
@@ -202,15 +202,18 @@ def _explicit_features(
 
 def _frame_table(store: Store, artifact: FeatureArtifact) -> dict[int, tuple[str, int, str]]:
     """Row -> (clip, frame, raw file) of the dataset the features were built from (its committed frame table)."""
-    ref = artifact.metadata["dataset"].get("ref")
+    recorded = artifact.metadata["dataset"]
+    ref = recorded.get("ref")
     if not ref:
         return {}
-    record = store.resolve(ref, type="dataset")
+    # The newest record of that content: a damaged one is recorded again by the next build or predict.
+    found = store.find("dataset", recorded["name"], recorded["digest"]) if recorded.get("digest") else None
+    record = found if found is not None else store.resolve(ref, type="dataset")
     table_file = store.path(record) / DATASET_TABLE
     try:
         table = json.loads(table_file.read_text())
     except (OSError, ValueError) as exc:
-        raise StoreError(f"dataset {record.ref}: cannot read {table_file} ({exc}): run `featstore verify {record.ref}`") from exc
+        raise StoreError(f"dataset {record.ref}: cannot read {table_file} ({exc}). {recompute_hint('dataset')}") from exc
     return {int(t["row"]): (str(t["clip"]), int(t["frame"]), str(t["raw"])) for t in table}
 
 

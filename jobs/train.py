@@ -168,6 +168,7 @@ def train_decoders(
             job.use(store.resolve(parent))
         cached = None if force else store.find("decoder", name, key)
         if cached is not None:
+            store.require_intact(cached)  # small files: a damaged decoder is named now, not at predict time
             job.log(cached)
             return TrainResult(cached, cached=True)
         train = DeviceFeatures.from_artifact(artifact, train_clips, torch_device)

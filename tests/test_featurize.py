@@ -111,14 +111,20 @@ def test_interrupted_build_resumes_from_finished_clips(tmp_path: Path, small_dav
     assert result.frames == 12 and store.verify(result.record) == []
 
 
-def test_damaged_chunk_is_caught_by_readers_and_verify(tmp_path: Path, small_davis: Path) -> None:
+def test_damaged_chunk_is_caught_by_readers_and_verify(tmp_path: Path, small_davis: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     store = Store(tmp_path / "store")
     result = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
     chunk = sorted((result.path / "features" / "stage2" / "gamma").glob("c.*"))[0]
     chunk.unlink()
     with pytest.raises(StoreError, match="missing file"):
         open_features(store, result.ref).read("gamma", "stage2")
+    capsys.readouterr()
     assert main(["verify", result.ref, "--store", str(store.root)]) == 1
+    assert "fix: Recompute it: run the `featstore build` command that made it again with --force" in capsys.readouterr().out
+    assert main(["verify", result.ref, "--store", str(store.root), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert not report["ok"] and "--force" in report["fix"]
     assert open_features(store, result.ref).read("alpha", "stage2").shape[0] == 5, "intact clips stay readable"
 
 
@@ -150,6 +156,21 @@ def test_force_replaces_a_damaged_artifact_with_a_new_version(tmp_path: Path, sm
     assert main(args) == 0
     cached = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert cached["cached"] and cached["ref"] == forced["ref"], "the cache now answers with the new version"
+
+
+def test_a_damaged_dataset_record_is_recorded_again_by_a_forced_build(
+    tmp_path: Path, small_davis: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = Store(tmp_path / "store")
+    first = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
+    (dataset_ref,) = first.record.parents
+    (store.path(store.resolve(dataset_ref)) / "frames.json").unlink()
+    problems = store.verify(store.resolve(dataset_ref))
+    assert problems == ["missing file frames.json"]
+    forced = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False, force=True)
+    assert f"the dataset record {dataset_ref} is damaged" in capsys.readouterr().err
+    (new_dataset,) = forced.record.parents
+    assert new_dataset != dataset_ref and store.verify(store.resolve(new_dataset)) == []
 
 
 def test_force_does_not_resume_an_interrupted_build(tmp_path: Path, small_davis: Path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from featstore.cli import main
 from featstore.errors import StoreError
 from featstore.removal import plan_removal, remove, sweep
-from featstore.store import RECORD_FILE, REMOVED_FILE, Store
+from featstore.store import RECORD_FILE, REMOVED_FILE, Store, write_json_atomic
 from jobs.featurize import build_features
 from jobs.predict import predict_dataset
 from jobs.train import train_decoders
@@ -47,10 +48,12 @@ def test_cascade_removes_dependents_first_and_frees_their_bytes(lineage: tuple[S
     store, data, (features, decoder, result) = lineage
     sizes = {ref: folder_bytes(store.path(store.resolve(ref))) for ref in (features, decoder, result)}
     folders = {ref: store.path(store.resolve(ref)) for ref in sizes}
-    removal = plan_removal(store, [features], cascade=True)
-    assert removal.refs == [result, decoder, features], "children before parents"
-    assert removal.bytes == sum(sizes.values())
-    remove(store, removal)
+    planned = plan_removal(store, [features], cascade=True)
+    assert planned.refs == [result, decoder, features], "children before parents"
+    records = sum((folder / RECORD_FILE).stat().st_size for folder in folders.values())
+    assert planned.bytes == sum(sizes.values()) - records, "all but the records, which become tombstones"
+    removal, freed = remove(store, [features], cascade=True)
+    assert removal.refs == planned.refs and freed == planned.bytes
     assert {r.type for r in store.list()} == {"dataset"}, "the dataset was not asked for and stays"
     for ref, folder in folders.items():
         assert sorted(p.name for p in folder.iterdir()) == [REMOVED_FILE], ref
@@ -66,7 +69,7 @@ def test_removing_a_forced_version_gives_latest_and_the_cache_back_to_the_older_
     store = Store(tmp_path / "store")
     first = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
     forced = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False, force=True)
-    remove(store, plan_removal(store, [forced.ref], cascade=False))
+    remove(store, [forced.ref], cascade=False)
     with pytest.raises(StoreError, match=r"v2 was removed with `featstore rm` on .*; known versions: .*:v1"):
         store.resolve(forced.ref)
     assert store.resolve(first.record.name).ref == first.ref
@@ -105,3 +108,50 @@ def test_cli_rm_dry_run_then_json(lineage: tuple[Store, Path, list[str]], capsys
     assert {r.ref for r in store.list()} == {features, store.resolve(features).parents[0]}
     assert main(["rm", decoder, *common]) == 1
     assert "removed with `featstore rm`" in capsys.readouterr().err
+
+
+def test_removal_frees_the_disk_even_when_nothing_can_be_written(
+    tmp_path: Path, small_davis: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(tmp_path / "store")
+    built = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
+    size = folder_bytes(store.path(built.record)) - (store.path(built.record) / RECORD_FILE).stat().st_size
+
+    def disk_full(path: Path, payload: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr("featstore.removal.write_json_atomic", disk_full)
+    _, freed = remove(store, [built.ref], cascade=False)
+    assert freed == size
+    assert sorted(p.name for p in store.path(built.record).iterdir()) == [REMOVED_FILE]
+    with pytest.raises(StoreError, match="removed with `featstore rm`"):
+        store.resolve(built.ref)
+
+
+def test_a_job_whose_input_was_removed_meanwhile_does_not_commit(tmp_path: Path, small_davis: Path) -> None:
+    store = Store(tmp_path / "store")
+    built = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
+    with store.stage("decoder", "late", "k" * 64) as staging:
+        write_json_atomic(staging.path / "decoder.json", {})
+        remove(store, [built.ref], cascade=False)  # no dependent is committed yet, so rm may go ahead
+        with pytest.raises(StoreError, match=rf"its input {built.ref} is gone .*run the job again"):
+            staging.commit(parents=[built.ref], metadata={})
+    assert store.list("decoder") == []
+
+
+def test_the_same_version_named_twice_is_removed_once(tmp_path: Path, small_davis: Path) -> None:
+    store = Store(tmp_path / "store")
+    built = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
+    name = built.record.name
+    removal = plan_removal(store, [f"{name}:v1", f"{name}:v01", f" {name}:v1"], cascade=False)
+    assert removal.refs == [built.ref]
+
+
+def test_an_unreadable_record_elsewhere_is_a_warning_not_a_block(tmp_path: Path, small_davis: Path) -> None:
+    store = Store(tmp_path / "store")
+    built = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
+    other = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False, force=True)
+    (store.path(other.record) / RECORD_FILE).write_text("{not json")
+    removal, _ = remove(store, [built.ref], cascade=False)
+    assert removal.refs == [built.ref]
+    assert len(removal.warnings) == 1 and "is unreadable" in removal.warnings[0]
