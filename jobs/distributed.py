@@ -93,13 +93,17 @@ def featurize_clip_task(task: ClipTask) -> int:
 
 
 def local_workers(scheduler: str) -> int | None:
-    """N of ``local:N``; None for an address. Checks the value's form without connecting anywhere.
+    """N of ``local:N``; None for a scheduler address. Checks the value's form without connecting anywhere.
 
     Called before the cache lookup, so a mistyped ``--scheduler`` is refused even when nothing would run.
+    Addresses are ``tcp://HOST:PORT`` or ``tls://HOST:PORT`` (``HOST:PORT`` means tcp), as `dask scheduler`
+    prints them.
     """
     from distributed.comm.addressing import parse_address, parse_host_port
 
-    if scheduler.startswith("local:"):
+    if scheduler.lower().startswith("local:"):
+        if not scheduler.startswith("local:"):
+            raise FeatstoreError(f"--scheduler {scheduler!r}: write local:N in lower case")
         try:
             n_workers = int(scheduler.split(":", 1)[1])
         except ValueError as exc:
@@ -107,15 +111,23 @@ def local_workers(scheduler: str) -> int | None:
         if n_workers < 1:
             raise FeatstoreError(f"--scheduler {scheduler!r}: N must be at least 1")
         return n_workers
+    problem = None
     try:
         protocol, location = parse_address(scheduler)
-        if protocol in ("tcp", "tls"):
-            parse_host_port(location)
+        host, port = parse_host_port(location) if protocol in ("tcp", "tls") else ("", 0)
+        if protocol not in ("tcp", "tls"):
+            problem = f"featstore connects over tcp:// or tls://, not {protocol}://"
+        elif not host:
+            problem = "no host"
+        elif not 0 < int(port) < 65536:
+            problem = f"port {port} is not 1-65535"
     except ValueError as exc:
+        problem = str(exc)
+    if problem:
         raise FeatstoreError(
-            f"--scheduler {scheduler!r} is not a dask scheduler address ({exc}): give tcp://HOST:PORT, as "
+            f"--scheduler {scheduler!r} is not a dask scheduler address ({problem}): give tcp://HOST:PORT, as "
             "`dask scheduler` prints it, or local:N for a LocalCluster of N workers"
-        ) from exc
+        )
     return None
 
 
@@ -136,7 +148,7 @@ def connect(scheduler: str) -> Any:
         return Client(cluster)
     try:
         return Client(scheduler, timeout="20s")
-    except OSError as exc:
+    except (OSError, ValueError, TypeError) as exc:  # what dask raises for addresses it cannot use
         raise FeatstoreError(
             f"cannot reach the dask scheduler at {scheduler!r} ({exc}): start one with `dask scheduler` "
             "and workers with `dask worker ADDRESS`, or use --scheduler local:N"

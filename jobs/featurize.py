@@ -562,8 +562,8 @@ def build_features(
     if batch_size < 1:
         raise FeatstoreError(f"--batch-size {batch_size} must be at least 1")
     # With a scheduler each dask worker resolves the device: the client may have no GPU at all.
-    chosen = parse_device(device) if scheduler else resolve_device(device)
-    if scheduler:
+    chosen = parse_device(device) if scheduler is not None else resolve_device(device)
+    if scheduler is not None:
         from jobs.distributed import local_workers  # dask loads only for distributed builds
 
         local_workers(scheduler)

@@ -10,7 +10,7 @@ import torch
 from featstore.errors import FeatstoreError
 from featstore.features import open_features
 from featstore.store import Store
-from jobs.distributed import connect
+from jobs.distributed import connect, local_workers
 from jobs.featurize import build_features
 
 pytestmark = pytest.mark.dask
@@ -35,7 +35,9 @@ def test_local_cluster_build_matches_local_build(tmp_path: Path, small_davis: Pa
 
 
 BAD_SCHEDULERS = [("bogus", "'bogus' is not a dask scheduler address"), ("tcp://host", "give tcp://HOST:PORT"),
-                  ("local:abc", "use local:N"), ("local:0", "at least 1")]
+                  ("foo://bar:1", "not foo://"), ("ucx://x", "not ucx://"), ("tcp://host:99999", "port 99999"),
+                  ("tcp://:8786", "no host"), ("", "not a dask scheduler address"),
+                  ("LOCAL:2", "local:N in lower case"), ("local:abc", "use local:N"), ("local:0", "at least 1")]
 
 
 @pytest.mark.parametrize(("scheduler", "expected"), BAD_SCHEDULERS)
@@ -52,3 +54,9 @@ def test_a_mistyped_scheduler_is_refused_even_when_the_build_is_cached(tmp_path:
         with pytest.raises(FeatstoreError, match=expected):
             build_features(store, "tiny", small_davis, weights="random", device="cpu", scheduler=scheduler,
                            progress=False)
+
+
+def test_scheduler_addresses_as_dask_prints_them_pass_the_check() -> None:
+    assert local_workers("local:3") == 3
+    for address in ("tcp://127.0.0.1:8786", "10.0.0.7:8786", "tls://scheduler.example:8786", "tcp://[::1]:8786"):
+        assert local_workers(address) is None, address
