@@ -86,6 +86,10 @@ class HeadConfig:
         return int.from_bytes(hashlib.sha256(payload).digest()[:7], "big")
 
 
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
 @dataclass
 class TrainedHead:
     """A trained head with its timing and validation scores (``None`` without validation data).
@@ -122,8 +126,9 @@ class TrainedHead:
             "train_seconds": self.train_seconds,
             "train_frames": self.train_frames,
             "train_frames_per_s": self.train_frames_per_s,
-            "final_loss": self.final_loss,
-            "epoch_losses": list(self.epoch_losses),
+            # None where a head diverged: NaN and infinity are not JSON, and strict readers refuse them.
+            "final_loss": _finite_or_none(self.final_loss),
+            "epoch_losses": [_finite_or_none(loss) for loss in self.epoch_losses],
             "val_mean_iou": self.val.mean_iou if self.val else None,
             "val_j_mean": self.val.j_mean if self.val else None,
             "val_per_clip": dict(self.val.per_clip) if self.val else None,

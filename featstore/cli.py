@@ -320,9 +320,13 @@ def _csv(value: str) -> list[str]:
 def _floats(value: str) -> list[float]:
     items = _csv(value)
     try:
-        return [float(v) for v in items]
+        numbers = [float(v) for v in items]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of numbers") from exc
+    repeated = sorted({n for n in numbers if numbers.count(n) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{value!r} lists {', '.join(f'{n:g}' for n in repeated)} twice: give each once")
+    return numbers
 
 
 def _seed(value: str) -> int:

@@ -28,6 +28,7 @@ def refused_argument(argv: list[str], capsys: pytest.CaptureFixture[str], *expec
         ("--decoder", "", "has an empty item"),
         ("--decoder", "fpn,fpn", "lists fpn twice"),
         ("--lr", "0.01,abc", "not a comma-separated list of numbers"),
+        ("--lr", "1e-3,0.001", "lists 0.001 twice"),
         ("--seed", "99999999999999999999", "use a seed from 0 to 9223372036854775807"),
         ("--seed", "-1", "use a seed from 0"),
         ("--budget", "5.5", "not a whole number of parameters"),
