@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from featstore import __version__
 from featstore.errors import FeatstoreError
@@ -351,8 +351,23 @@ def _count(value: str) -> int:
     return int(number)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, plus the ``{"error": ...}`` line that ``--json`` promises, for usage errors too.
+
+    Whether ``--json`` was given is read from the raw arguments: a usage error stops parsing before the
+    option may have been reached.
+    """
+
+    json_errors = False
+
+    def error(self, message: str) -> NoReturn:
+        if self.json_errors:
+            print(json.dumps({"error": f"{self.prog}: {message}"}))
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="featstore",
         description="Compute frozen-backbone features once, store them as versioned zarr artifacts, train decoders from them.",
     )
@@ -470,7 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    _Parser.json_errors = "--json" in arguments
+    args = build_parser().parse_args(arguments)
     store = Store(args.store) if args.store is not None else Store()
     handler: Handler = args.handler
     try:

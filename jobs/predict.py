@@ -157,7 +157,8 @@ def predict_dataset(
 def find_features(store: Store, dataset: Dataset, decoder: ArtifactRecord) -> FeatureArtifact | None:
     """The newest committed feature artifact of exactly this dataset built as the decoder's features were."""
     digest = dataset.digest()
-    for record in sorted(store.list("features"), key=lambda r: r.created, reverse=True):
+    # Newest by creation time, then version: a --force rebuild can share its older version's second.
+    for record in sorted(store.list("features"), key=lambda r: (r.created, r.version), reverse=True):
         meta = record.metadata
         if meta.get("dataset", {}).get("digest") == digest and not _identity_differences(meta, decoder.metadata):
             return open_features(store, record.ref)

@@ -91,3 +91,14 @@ def test_common_options_work_before_and_after_the_command(
 def test_commands_that_compute_take_force(command: list[str]) -> None:
     assert build_parser().parse_args([*command, "--force"]).force is True
     assert build_parser().parse_args(command).force is False
+
+
+def test_json_usage_errors_print_the_error_line_too(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["--json", "rm"])
+    assert caught.value.code == 2
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "the following arguments are required: REF" in payload["error"]
+    with pytest.raises(SystemExit):
+        main(["train", "--features", "x", "--lr", "fast"])
+    assert capsys.readouterr().out == "", "without --json, stdout stays empty"
