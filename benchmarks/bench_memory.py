@@ -7,9 +7,9 @@ per-process high-water mark):
       forward per batch appended to a list, ``torch.cat``, one ``np.save``;
   (b) ``featstore build`` into a fresh store;
 and prints each one's peak resident memory above its baseline (the process after importing torch and
-loading the backbone), the growth per 100 frames, and on CUDA the peak device memory. A streaming build
-grows by a bounded amount (chunk buffers, decoded frames) however many frames it writes; the naive loop
-grows by a frame's features per frame.
+loading the backbone), the peaks of the run's first and second halves, the growth per 100 frames, and on
+CUDA the peak device memory. A streaming build plateaus (its second half peaks where its first did)
+however many frames it writes; the naive loop climbs by a frame's features per frame.
 
     python benchmarks/bench_memory.py --frames 64,256
     python benchmarks/bench_memory.py --device cuda --frames 512,2048 --repeat 8
@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +44,42 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class RssSampler:
+    """Resident memory every 0.2 s on a thread, to tell a plateau (bounded) from a climb (accumulating).
+
+    The peak alone grows a little with run length even for a bounded process (a longer run meets a larger
+    transient); comparing the peaks of the run's first and second halves does not.
+    """
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
+        with open("/proc/self/statm") as statm:
+            while not self._stop.is_set():
+                statm.seek(0)
+                self.samples.append((time.perf_counter(), int(statm.read().split()[1]) * page_mb))
+                self._stop.wait(0.2)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def half_peaks(self) -> tuple[float, float]:
+        start, end = self.samples[0][0], self.samples[-1][0]
+        middle = (start + end) / 2
+        first = max((rss for t, rss in self.samples if t <= middle), default=0.0)
+        second = max((rss for t, rss in self.samples if t > middle), default=first)
+        return first, second
+
+
 def child(run: str, data: Path, backbone: str, device_name: str, batch_size: int, scratch: Path) -> dict[str, float]:
     """One measurement in this (fresh) process: the baseline after loading the backbone, then the peak."""
     device = resolve_device(device_name)
@@ -52,6 +91,7 @@ def child(run: str, data: Path, backbone: str, device_name: str, batch_size: int
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     frames = 0
+    sampler = RssSampler().__enter__()
     if run == "naive":
         spec = extractor.spec
         paths = [r.raw for r in load_dataset(data).frames]
@@ -66,7 +106,10 @@ def child(run: str, data: Path, backbone: str, device_name: str, batch_size: int
         result = build_features(Store(scratch / "store"), backbone, data, weights="random", batch_size=batch_size,
                                 device=device_name, progress=False)
         frames = result.frames
-    figures = {"frames": frames, "baseline_mb": baseline, "peak_mb": peak_rss_mb()}
+    sampler.__exit__()
+    first_half, second_half = sampler.half_peaks()
+    figures = {"frames": frames, "baseline_mb": baseline, "peak_mb": peak_rss_mb(),
+               "first_half_peak_mb": first_half, "second_half_peak_mb": second_half}
     if device.type == "cuda":
         figures["device_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return figures
@@ -115,12 +158,13 @@ def main() -> None:
                 print(f"{run}: {size} frames ...", file=sys.stderr)
                 rows.append({"run": run, **measure(run, data, args, work / f"{run}-{size}")})
     print(f"# backbone {args.backbone}, device {args.device}, build batch {args.batch_size}, one process per row")
-    print(f"{'run':<8} {'frames':>7} {'baseline MB':>12} {'peak MB':>9} {'growth MB':>10}"
+    print(f"{'run':<8} {'frames':>7} {'baseline MB':>12} {'peak MB':>9} {'growth MB':>10} {'1st half':>9} {'2nd half':>9}"
           + ("  device peak MB" if args.device.startswith("cuda") else ""))
     for row in rows:
         growth = float(row["peak_mb"]) - float(row["baseline_mb"])
         row["growth_mb"] = growth
-        line = f"{row['run']:<8} {row['frames']:>7} {row['baseline_mb']:>12.0f} {row['peak_mb']:>9.0f} {growth:>10.0f}"
+        line = (f"{row['run']:<8} {row['frames']:>7} {row['baseline_mb']:>12.0f} {row['peak_mb']:>9.0f} {growth:>10.0f}"
+                f" {row['first_half_peak_mb']:>9.0f} {row['second_half_peak_mb']:>9.0f}")
         if "device_peak_mb" in row:
             line += f"  {row['device_peak_mb']:>15.0f}"
         print(line)
