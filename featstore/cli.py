@@ -173,12 +173,14 @@ def cmd_ls(args: argparse.Namespace, store: Store) -> dict[str, Any]:
     records = store.list(args.type, damaged=damaged)
     for problem in damaged:
         print(f"featstore ls: warning: {problem}", file=sys.stderr)
+    sizes = [store.disk_bytes(record) for record in records]
     if not args.json:
         if not records and not damaged:
             _say(f"no artifacts in {store.root}; try `featstore build --backbone efficientnet_lite0`")
-        for record in records:
-            _say(f"{record.type:<9} {record.ref:<48} {record.created}  {record.key[:12]}")
-    return {"artifacts": [_summary(r.to_dict()) for r in records], "damaged": damaged}
+        for record, size in zip(records, sizes, strict=True):
+            _say(f"{record.type:<9} {record.ref:<48} {_human_bytes(size):>9}  {record.created}  {record.key[:12]}")
+    summaries = [_summary(r.to_dict()) | {"bytes": size} for r, size in zip(records, sizes, strict=True)]
+    return {"artifacts": summaries, "damaged": damaged}
 
 
 def _summary(record: dict[str, Any]) -> dict[str, Any]:

@@ -282,6 +282,15 @@ class Store:
     def path(self, record: ArtifactRecord) -> Path:
         return self.root / "artifacts" / record.type / record.name / f"v{record.version}"
 
+    def disk_bytes(self, record: ArtifactRecord) -> int:
+        """Bytes the version's files take (sizes of the manifest's files, plus the record)."""
+        root = self.path(record)
+        total = 0
+        for rel in [*record.manifest, RECORD_FILE]:
+            with contextlib.suppress(OSError):  # a missing file is verify's to report, not ls's
+                total += (root / rel).stat().st_size
+        return total
+
     def _records(self, type: str, name: str, damaged: builtins.list[str] | None = None) -> builtins.list[ArtifactRecord]:
         """The committed versions of ``name``; an unreadable record is an error, or noted in ``damaged``."""
         folder = self.root / "artifacts" / type / name

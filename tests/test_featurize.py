@@ -200,6 +200,9 @@ def test_cli_build_ls_show_verify_json(tmp_path: Path, small_davis: Path, capsys
     listed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["artifacts"]
     assert {(a["type"], a["name"], a["version"]) for a in listed} == {
         ("dataset", "small-davis", 1), ("features", "small-davis.tiny.random", 1)}
+    for entry in listed:
+        folder = Path(store) / "artifacts" / entry["type"] / entry["name"] / f"v{entry['version']}"
+        assert entry["bytes"] == sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     assert main(["show", built["ref"], "--store", store, "--json"]) == 0
     shown = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert shown["lineage"] == ["small-davis:v1"] and shown["metadata"]["nparams_backbone"] == built["nparams_backbone"]
