@@ -268,6 +268,20 @@ def cmd_rm(args: argparse.Namespace, store: Store) -> dict[str, Any]:
     return {"removed": removal.refs, "bytes": freed, "dry_run": False}
 
 
+def cmd_gc(args: argparse.Namespace, store: Store) -> dict[str, Any]:
+    from featstore.removal import collect_garbage
+
+    abandoned = collect_garbage(store, dry_run=args.dry_run)
+    total = sum(item.bytes for item in abandoned)
+    if not args.json:
+        verb = "would remove" if args.dry_run else "removed"
+        _say(*(f"{verb:<13} {item.path}  ({_human_bytes(item.bytes)})" for item in abandoned))
+        _say(f"{'would free' if args.dry_run else 'freed':<13} {_human_bytes(total)} of unfinished work"
+             + ("" if abandoned else "; no job left any"))
+    return {"staging": [{"path": str(item.path), "bytes": item.bytes} for item in abandoned], "bytes": total,
+            "dry_run": args.dry_run}
+
+
 def cmd_evaluate(args: argparse.Namespace, store: Store) -> dict[str, Any]:
     from jobs.evaluate import evaluate
 
@@ -476,6 +490,13 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--dry-run", action="store_true", help="print what would be removed and freed; remove nothing")
     _add_common(rm)
     rm.set_defaults(handler=cmd_rm)
+
+    gc = sub.add_parser(
+        "gc", help="delete unfinished work of stopped jobs (their resumable staging folders) to free disk"
+    )
+    gc.add_argument("--dry-run", action="store_true", help="print what would be deleted and freed; delete nothing")
+    _add_common(gc)
+    gc.set_defaults(handler=cmd_gc)
 
     evaluate = sub.add_parser("evaluate", help="score a contest result folder against annotations")
     evaluate.add_argument("result_dir", type=Path)

@@ -7,12 +7,17 @@ number is never given to other content and ``NAME:vN`` can say it was removed. I
 after the rename; a removal killed part-way leaves only invisible files, which the next ``rm`` deletes.
 Artifacts made from a version (its dependents) go first, or the removal is refused, so no committed
 version is left with a parent that is gone.
+
+``featstore gc`` removes unfinished work instead: a build killed part-way keeps its staging folder so the
+same build can resume, but once its inputs change that folder is never used again. A staging folder is
+abandoned when its lock can be taken: a running job holds it for as long as it writes there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import os
 import shutil
 from collections.abc import Sequence
@@ -140,6 +145,44 @@ def sweep(store: Store) -> int:
                 raise StoreError(describe_os_error(exc, store.root)) from exc
             freed += size
     return freed
+
+
+@dataclass(frozen=True)
+class Abandoned:
+    """A staging folder no running job holds: unfinished work of a job that was stopped."""
+
+    path: Path
+    bytes: int
+
+
+def collect_garbage(store: Store, *, dry_run: bool = False) -> list[Abandoned]:
+    """Delete (or with ``dry_run`` only list) abandoned staging folders, and files left by stopped removals.
+
+    Each folder is deleted while holding its lock, so a job starting on that key waits, then starts afresh.
+    The lock files stay: deleting one that another process has open would let two writers in.
+    """
+    staging = store.root / "staging"
+    found: list[Abandoned] = []
+    for folder in sorted(staging.iterdir()) if staging.is_dir() else []:
+        if not folder.is_dir():
+            continue
+        try:
+            with open(staging / f"{folder.name}.lock", "a+") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a running job is writing there
+                try:
+                    found.append(Abandoned(folder, _folder_bytes(folder)))
+                    if not dry_run:
+                        shutil.rmtree(folder)
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+        except OSError as exc:
+            raise StoreError(describe_os_error(exc, store.root)) from exc
+    if not dry_run:
+        sweep(store)
+    return found
 
 
 def _depth(record: ArtifactRecord, among: dict[str, ArtifactRecord]) -> int:

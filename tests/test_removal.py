@@ -13,7 +13,7 @@ from featstore.cli import main
 from featstore.errors import StoreError
 from featstore.removal import plan_removal, remove, sweep
 from featstore.store import RECORD_FILE, REMOVED_FILE, Store, write_json_atomic
-from jobs.featurize import build_features
+from jobs.featurize import build_features, featurize_clips, prepare_build
 from jobs.predict import predict_dataset
 from jobs.train import train_decoders
 
@@ -155,3 +155,28 @@ def test_an_unreadable_record_elsewhere_is_a_warning_not_a_block(tmp_path: Path,
     removal, _ = remove(store, [built.ref], cascade=False)
     assert removal.refs == [built.ref]
     assert len(removal.warnings) == 1 and "is unreadable" in removal.warnings[0]
+
+
+def test_gc_deletes_abandoned_staging_but_not_work_in_progress(
+    tmp_path: Path, small_davis: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = Store(tmp_path / "store")
+    plan, extractor = prepare_build(store, "tiny", small_davis, weights="random")
+    with store.stage("features", plan.name, plan.key) as staging:  # a build stopped after one clip
+        featurize_clips(extractor, plan.dataset, ["alpha"], staging.path / "features.zarr", staging.scratch,
+                        dtype="float16", batch_size=2, progress=False)
+        abandoned = staging.root
+    size = folder_bytes(abandoned)
+    with store.stage("decoder", "running", "r" * 64) as running:  # a job still writing: its lock is held
+        (running.path / "partial.bin").write_bytes(b"x" * 1000)
+        common = ["--store", str(store.root), "--json"]
+        capsys.readouterr()
+        assert main(["gc", "--dry-run", *common]) == 0
+        listed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert listed["staging"] == [{"path": str(abandoned), "bytes": size}] and abandoned.is_dir()
+        assert main(["gc", *common]) == 0
+        removed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert removed["bytes"] == size and not abandoned.exists()
+        assert (running.path / "partial.bin").is_file(), "work in progress is left alone"
+    rebuilt = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
+    assert store.verify(rebuilt.record) == [], "the stopped build starts over after gc"
