@@ -16,7 +16,14 @@ from featstore.datasets import load_dataset, read_frame
 from featstore.errors import DatasetError, FeatstoreError, StoreError
 from featstore.features import open_features
 from featstore.store import Store
-from jobs.featurize import build_features, featurize_clips, finished_clips, prepare_build, resolve_device
+from jobs.featurize import (
+    BuildResult,
+    build_features,
+    featurize_clips,
+    finished_clips,
+    prepare_build,
+    resolve_device,
+)
 
 
 def test_build_writes_features_masks_and_lineage(tmp_path: Path, small_davis: Path) -> None:
@@ -111,12 +118,17 @@ def test_interrupted_build_resumes_from_finished_clips(tmp_path: Path, small_dav
     assert result.frames == 12 and store.verify(result.record) == []
 
 
+def build_with_a_lost_chunk(store: Store, data: Path) -> BuildResult:
+    """A committed build of ``data`` whose first chunk of clip gamma's stage2 array was then deleted."""
+    result = build_features(store, "tiny", data, weights="random", device="cpu", progress=False)
+    sorted((result.path / "features" / "stage2" / "gamma").glob("c.*"))[0].unlink()
+    return result
+
+
 def test_damaged_chunk_is_caught_by_readers_and_verify(tmp_path: Path, small_davis: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     store = Store(tmp_path / "store")
-    result = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
-    chunk = sorted((result.path / "features" / "stage2" / "gamma").glob("c.*"))[0]
-    chunk.unlink()
+    result = build_with_a_lost_chunk(store, small_davis)
     with pytest.raises(StoreError, match="missing file"):
         open_features(store, result.ref).read("gamma", "stage2")
     capsys.readouterr()
@@ -131,9 +143,7 @@ def test_damaged_chunk_is_caught_by_readers_and_verify(tmp_path: Path, small_dav
 def test_force_replaces_a_damaged_artifact_with_a_new_version(tmp_path: Path, small_davis: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     store = Store(tmp_path / "store")
-    first = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
-    chunk = sorted((first.path / "features" / "stage2" / "gamma").glob("c.*"))[0]
-    chunk.unlink()
+    first = build_with_a_lost_chunk(store, small_davis)
     with pytest.raises(StoreError, match="again with --force"):
         open_features(store, first.ref).read("gamma", "stage2")
     again = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
