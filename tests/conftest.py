@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from featstore.store import Store
 from jobs.fault_drills import write_davis_dataset
+from jobs.featurize import featurize_clips, prepare_build
 
 DAVIS_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "davis2016-dev"
 
@@ -43,3 +45,12 @@ def write_davis(root: Path, clips: dict[str, int], size: tuple[int, int] = (64, 
 def small_davis(tmp_path: Path) -> Path:
     """Three short clips of 64x96 frames with masks, in DAVIS layout."""
     return write_davis(tmp_path / "small-davis", {"alpha": 5, "beta": 3, "gamma": 4})
+
+
+def stopped_build(store: Store, data: Path, clips: tuple[str, ...] = ("alpha",)) -> Path:
+    """Stage a `tiny` build of ``data`` that finished only ``clips`` and never committed; its staging folder."""
+    plan, extractor = prepare_build(store, "tiny", data, weights="random")
+    with store.stage("features", plan.name, plan.key) as staging:
+        featurize_clips(extractor, plan.dataset, list(clips), staging.path / "features.zarr", staging.scratch,
+                        dtype="float16", batch_size=2, progress=False)
+        return staging.root

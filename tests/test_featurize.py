@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from conftest import stopped_build
 
 from featstore.backbones import create_backbone
 from featstore.cli import main
@@ -19,9 +20,7 @@ from featstore.store import Store
 from jobs.featurize import (
     BuildResult,
     build_features,
-    featurize_clips,
     finished_clips,
-    prepare_build,
     resolve_device,
 )
 
@@ -107,11 +106,8 @@ def test_bad_dataset_writes_nothing(tmp_path: Path, small_davis: Path) -> None:
 def test_interrupted_build_resumes_from_finished_clips(tmp_path: Path, small_davis: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     store = Store(tmp_path / "store")
-    plan, extractor = prepare_build(store, "tiny", small_davis, weights="random")
-    with store.stage("features", plan.name, plan.key) as staging:
-        featurize_clips(extractor, plan.dataset, ["alpha"], staging.path / "features.zarr", staging.scratch,
-                        dtype="float16", batch_size=2, progress=False)
-        assert finished_clips(staging.scratch) == {"alpha"}
+    staging = stopped_build(store, small_davis)
+    assert finished_clips(staging / "scratch") == {"alpha"}
     assert store.list("features") == [], "an unfinished build is invisible"
     result = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
     assert "1 clip(s) already finished" in capsys.readouterr().err
@@ -186,10 +182,7 @@ def test_a_damaged_dataset_record_is_recorded_again_by_a_forced_build(
 def test_force_does_not_resume_an_interrupted_build(tmp_path: Path, small_davis: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     store = Store(tmp_path / "store")
-    plan, extractor = prepare_build(store, "tiny", small_davis, weights="random")
-    with store.stage("features", plan.name, plan.key) as staging:
-        featurize_clips(extractor, plan.dataset, ["alpha"], staging.path / "features.zarr", staging.scratch,
-                        dtype="float16", batch_size=2, progress=False)
+    stopped_build(store, small_davis)
     result = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False, force=True)
     assert "already finished" not in capsys.readouterr().err
     assert result.frames == 12 and store.verify(result.record) == []

@@ -8,12 +8,13 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import stopped_build
 
 from featstore.cli import main
 from featstore.errors import StoreError
 from featstore.removal import plan_removal, remove, sweep
 from featstore.store import RECORD_FILE, REMOVED_FILE, Store, write_json_atomic
-from jobs.featurize import build_features, featurize_clips, prepare_build
+from jobs.featurize import build_features
 from jobs.predict import predict_dataset
 from jobs.train import train_decoders
 
@@ -161,11 +162,7 @@ def test_gc_deletes_abandoned_staging_but_not_work_in_progress(
     tmp_path: Path, small_davis: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     store = Store(tmp_path / "store")
-    plan, extractor = prepare_build(store, "tiny", small_davis, weights="random")
-    with store.stage("features", plan.name, plan.key) as staging:  # a build stopped after one clip
-        featurize_clips(extractor, plan.dataset, ["alpha"], staging.path / "features.zarr", staging.scratch,
-                        dtype="float16", batch_size=2, progress=False)
-        abandoned = staging.root
+    abandoned = stopped_build(store, small_davis)
     size = folder_bytes(abandoned)
     with store.stage("decoder", "running", "r" * 64) as running:  # a job still writing: its lock is held
         (running.path / "partial.bin").write_bytes(b"x" * 1000)
