@@ -94,7 +94,8 @@ def _finite_or_none(value: float) -> float | None:
 class TrainedHead:
     """A trained head with its timing and validation scores (``None`` without validation data).
 
-    ``final_loss`` is the last step's loss; ``epoch_losses`` the mean loss of each epoch's steps, the curve
+    ``final_loss`` is the last step's loss; ``epoch_losses`` each epoch's loss per frame (batch losses
+    weighted by their frames, so a short last batch counts for its size), the curve
     that tells a learning rate that diverged or stalled from one that converged.
     """
 
@@ -354,32 +355,33 @@ def train_heads(
         losses = [torch.zeros(len(unit.heads), device=device) for unit in units]
         # Summed on the device and read once at the end: a per-epoch read would wait for the GPU.
         epoch_sums = [torch.zeros((epochs, len(unit.heads)), device=device) for unit in units]
-        steps_per_epoch = 0
+        frames_per_epoch = 0
         frames = 0
         bar = tqdm(
             total=total_steps, desc=f"training {len(heads)} head(s)", file=sys.stderr, disable=not progress
         )
         for epoch in range(epochs):
-            steps_per_epoch = 0
+            frames_per_epoch = 0
             for index in train.batches(batch_size, generator):
                 features = train.gather(index, gathered)
                 masks = train.mask(index)  # uint8: the loss converts each chunk of frames as it reads it
-                frames += int(index.shape[0])
+                batch = int(index.shape[0])
                 for u, unit in enumerate(units):
                     clock.start(u)
                     losses[u] = unit.step(features, gathered, masks)
                     clock.stop(u)
-                    epoch_sums[u][epoch] += losses[u]
-                steps_per_epoch += 1
+                    epoch_sums[u][epoch] += losses[u] * batch
+                frames += batch
+                frames_per_epoch += batch
                 bar.update(1)
             if progress:  # once an epoch: reading the loss waits for the GPU
-                best = float(torch.cat([sums[epoch] for sums in epoch_sums]).min()) / steps_per_epoch
+                best = float(torch.cat([sums[epoch] for sums in epoch_sums]).min()) / max(1, frames_per_epoch)
                 bar.set_postfix(loss=f"{best:.3f}")
         bar.close()
         for unit in units:
             unit.finish()
         unit_seconds = clock.seconds()
-        curves = [(sums / steps_per_epoch).T.tolist() for sums in epoch_sums]  # per unit: head -> epochs
+        curves = [(sums / max(1, frames_per_epoch)).T.tolist() for sums in epoch_sums]  # unit: head -> epochs
         results = []
         for config, head in zip(configs, heads, strict=True):
             u, k = place[id(head)]

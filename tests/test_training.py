@@ -156,7 +156,7 @@ def test_stacked_heads_train_like_heads_stepped_one_by_one() -> None:
 
 
 def test_epoch_losses_are_the_mean_loss_over_each_epochs_frames() -> None:
-    train = synthetic_features({"a": 6, "b": 6}, seed=3)  # 12 frames: three full batches of 4 an epoch
+    train = synthetic_features({"a": 6, "b": 5}, seed=3)  # 11 frames: batches of 4, 4 and 3 an epoch
     config = HeadConfig("linear", lr=1e-12, weight_decay=0.0, schedule="constant")  # weights stay put
     (trained,) = train_heads(train, None, [config], epochs=3, batch_size=4, seed=0, progress=False)
     head = trained.decoder
