@@ -324,56 +324,52 @@ def _write_plot(
     rows: Sequence[dict[str, Any]], path: Path, dataset: str, val_clips: Sequence[str], budget: int
 ) -> None:
     """Held-out mean IoU against total parameters (log scale), the budget line and the Pareto front."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The Figure API, not pyplot: no global backend switch under a caller's notebook or GUI.
+    from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    figure, axes = plt.subplots(figsize=(8, 5.4), dpi=120)
+    figure = Figure(figsize=(8, 5.4), dpi=120)
+    axes = figure.add_subplot()
     backing = {"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8}
+    scored = sorted((r for r in rows if r["mean_iou"] is not None), key=lambda r: r["nparams"])
+    front = pareto_front(rows)
+    axes.scatter([r["nparams"] for r in scored], [r["mean_iou"] for r in scored], s=36, color="tab:blue",
+                 zorder=3, label="backbone + head")
+    for r, bigger in zip(scored, [*scored[1:], None], strict=True):
+        # Right of the point, and below it when the next larger model scores higher (it sits up there).
+        below = bigger is not None and bigger["mean_iou"] >= r["mean_iou"]
+        axes.annotate(f"{row_label(r)}  {r['mean_iou']:.3f}", (r["nparams"], r["mean_iou"]),
+                      textcoords="offset points", xytext=(10, -8 if below else 8), ha="left",
+                      va="center", fontsize=8.5, bbox=backing, zorder=2.5)
+    if front:
+        axes.step([r["nparams"] for r in front], [r["mean_iou"] for r in front], where="post",
+                  color="tab:orange", linewidth=1.5, zorder=2, label="Pareto front (best IoU for its size)")
+        axes.scatter([r["nparams"] for r in front], [r["mean_iou"] for r in front], s=110,
+                     facecolors="none", edgecolors="tab:orange", linewidths=1.5, zorder=4)
+    for r in (r for r in rows if r["mean_iou"] is None):  # not trained: marked on the bottom edge
+        axes.plot(r["nparams"], 0.0, marker="x", markersize=9, color="tab:red", clip_on=False, zorder=5,
+                  transform=axes.get_xaxis_transform())
+        axes.annotate(f"{row_label(r)}: over budget", (r["nparams"], 0.0), xycoords=axes.get_xaxis_transform(),
+                      textcoords="offset points", xytext=(-6, 8), ha="right", fontsize=8.5, color="tab:red", bbox=backing)
+    axes.axvline(budget, color="tab:red", linestyle="--", linewidth=1,
+                 label=f"budget: {budget / 1e6:g}M parameters")
+    sizes = [r["nparams"] for r in rows] + [budget]
+    axes.set_xscale("log")
+    axes.set_xlim(min(sizes) / 1.6, max(sizes) * 1.6)
+    axes.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axes.xaxis.set_major_formatter(FuncFormatter(_millions))
+    axes.xaxis.set_minor_formatter(NullFormatter())
+    axes.set_ylim(0, 1.05)
+    axes.set_xlabel("parameters, backbone + head (log scale)")
+    axes.set_ylabel("mean IoU on held-out clips")
+    clips = ", ".join(val_clips) if len(val_clips) <= 4 else f"{len(val_clips)} clips"
+    axes.set_title(f"{dataset}: held-out mean IoU against model size" + (f" ({clips})" if val_clips else ""))
+    axes.grid(True, which="major", alpha=0.3)
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=8.5, frameon=False)
+    figure.tight_layout()
+    scratch = _temporary_sibling(path)
     try:
-        scored = sorted((r for r in rows if r["mean_iou"] is not None), key=lambda r: r["nparams"])
-        front = pareto_front(rows)
-        axes.scatter([r["nparams"] for r in scored], [r["mean_iou"] for r in scored], s=36, color="tab:blue",
-                     zorder=3, label="backbone + head")
-        for r, bigger in zip(scored, [*scored[1:], None], strict=True):
-            # Right of the point, and below it when the next larger model scores higher (it sits up there).
-            below = bigger is not None and bigger["mean_iou"] >= r["mean_iou"]
-            axes.annotate(f"{row_label(r)}  {r['mean_iou']:.3f}", (r["nparams"], r["mean_iou"]),
-                          textcoords="offset points", xytext=(10, -8 if below else 8), ha="left",
-                          va="center", fontsize=8.5, bbox=backing, zorder=2.5)
-        if front:
-            axes.step([r["nparams"] for r in front], [r["mean_iou"] for r in front], where="post",
-                      color="tab:orange", linewidth=1.5, zorder=2, label="Pareto front (best IoU for its size)")
-            axes.scatter([r["nparams"] for r in front], [r["mean_iou"] for r in front], s=110,
-                         facecolors="none", edgecolors="tab:orange", linewidths=1.5, zorder=4)
-        for r in (r for r in rows if r["mean_iou"] is None):  # not trained: marked on the bottom edge
-            axes.plot(r["nparams"], 0.0, marker="x", markersize=9, color="tab:red", clip_on=False, zorder=5,
-                      transform=axes.get_xaxis_transform())
-            axes.annotate(f"{row_label(r)}: over budget", (r["nparams"], 0.0), xycoords=axes.get_xaxis_transform(),
-                          textcoords="offset points", xytext=(-6, 8), ha="right", fontsize=8.5, color="tab:red", bbox=backing)
-        axes.axvline(budget, color="tab:red", linestyle="--", linewidth=1,
-                     label=f"budget: {budget / 1e6:g}M parameters")
-        sizes = [r["nparams"] for r in rows] + [budget]
-        axes.set_xscale("log")
-        axes.set_xlim(min(sizes) / 1.6, max(sizes) * 1.6)
-        axes.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        axes.xaxis.set_major_formatter(FuncFormatter(_millions))
-        axes.xaxis.set_minor_formatter(NullFormatter())
-        axes.set_ylim(0, 1.05)
-        axes.set_xlabel("parameters, backbone + head (log scale)")
-        axes.set_ylabel("mean IoU on held-out clips")
-        clips = ", ".join(val_clips) if len(val_clips) <= 4 else f"{len(val_clips)} clips"
-        axes.set_title(f"{dataset}: held-out mean IoU against model size" + (f" ({clips})" if val_clips else ""))
-        axes.grid(True, which="major", alpha=0.3)
-        axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=8.5, frameon=False)
-        figure.tight_layout()
-        scratch = _temporary_sibling(path)
-        try:
-            figure.savefig(scratch, format="png")
-            os.replace(scratch, path)
-        finally:
-            scratch.unlink(missing_ok=True)
+        figure.savefig(scratch, format="png")
+        os.replace(scratch, path)
     finally:
-        plt.close(figure)
+        scratch.unlink(missing_ok=True)

@@ -37,40 +37,37 @@ def loss_ceiling(curves: Sequence[Sequence[float | None]]) -> float:
 
 def write_training_curves(heads: Sequence[Mapping[str, Any]], path: Path, *, best: str, title: str) -> None:
     """Loss per epoch for each head record (``TrainedHead.metrics()``); ``best`` names the kept head."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The Figure API, not pyplot: no global backend switch under a caller's notebook or GUI.
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     rows = (len(heads) + 1) // 2
-    figure, axes = plt.subplots(figsize=(9, 4.6 + 0.22 * rows), dpi=120)
+    figure = Figure(figsize=(9, 4.6 + 0.22 * rows), dpi=120)
+    axes = figure.add_subplot()
     # tab10 repeats after ten heads; tab20 and four line styles keep up to 80 apart.
-    palette = plt.get_cmap("tab10" if len(heads) <= 10 else "tab20")
+    palette = colormaps["tab10" if len(heads) <= 10 else "tab20"]
     colours = [palette(i) for i in range(palette.N)]
     ceiling = loss_ceiling([h["epoch_losses"] for h in heads])
-    try:
-        ranked = sorted(heads, key=lambda h: -(h["val_mean_iou"] if h["val_mean_iou"] is not None else -1.0))
-        for i, head in enumerate(ranked):
-            curve = [math.nan if v is None else v for v in head["epoch_losses"]]
-            kept = head["head"] == best
-            score = f"val IoU {head['val_mean_iou']:.3f}" if head["val_mean_iou"] is not None else "not validated"
-            finite = [v for v in curve if math.isfinite(v)]
-            note = "  (kept)" if kept else "  (diverged)" if diverged(head["epoch_losses"]) else ""
-            if finite and min(finite) > ceiling:
-                note += f"  (off the chart: loss {min(finite):.3g} at best)"
-            axes.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3,
-                      color=colours[i % len(colours)], linestyle=STYLES[(i // len(colours)) % len(STYLES)],
-                      linewidth=2.6 if kept else 1.2, zorder=3 if kept else 2, label=f"{head['head']}: {score}{note}")
-        axes.set_ylim(0.0, ceiling)
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes.set_xlabel("epoch")
-        axes.set_ylabel("training loss, mean over the epoch (BCE + Dice)")
-        axes.set_title(title)
-        axes.grid(True, alpha=0.3)
-        # Below the axes: curves of a grid fill the plot area, and a legend there would hide some.
-        axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
-        figure.tight_layout()
-        figure.savefig(path, format="png", bbox_inches="tight")  # "tight": long legend entries stay whole
-    finally:
-        plt.close(figure)
+    ranked = sorted(heads, key=lambda h: -(h["val_mean_iou"] if h["val_mean_iou"] is not None else -1.0))
+    for i, head in enumerate(ranked):
+        curve = [math.nan if v is None else v for v in head["epoch_losses"]]
+        kept = head["head"] == best
+        score = f"val IoU {head['val_mean_iou']:.3f}" if head["val_mean_iou"] is not None else "not validated"
+        finite = [v for v in curve if math.isfinite(v)]
+        note = "  (kept)" if kept else "  (diverged)" if diverged(head["epoch_losses"]) else ""
+        if finite and min(finite) > ceiling:
+            note += f"  (off the chart: loss {min(finite):.3g} at best)"
+        axes.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3,
+                  color=colours[i % len(colours)], linestyle=STYLES[(i // len(colours)) % len(STYLES)],
+                  linewidth=2.6 if kept else 1.2, zorder=3 if kept else 2, label=f"{head['head']}: {score}{note}")
+    axes.set_ylim(0.0, ceiling)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("training loss, mean over the epoch (BCE + Dice)")
+    axes.set_title(title)
+    axes.grid(True, alpha=0.3)
+    # Below the axes: curves of a grid fill the plot area, and a legend there would hide some.
+    axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    figure.tight_layout()
+    figure.savefig(path, format="png", bbox_inches="tight")  # "tight": long legend entries stay whole
