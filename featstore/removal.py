@@ -16,26 +16,28 @@ abandoned when its lock can be taken: a running job holds it for as long as it w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import fcntl
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from featstore.errors import StoreError
 from featstore.store import (
     RECORD_FILE,
     REMOVED_FILE,
+    TRASH_PREFIX,
     ArtifactRecord,
     Store,
     describe_os_error,
+    discard_staging,
     write_json_atomic,
 )
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Removal:
     """The versions one removal takes, dependents before the artifacts they were made from."""
 
@@ -103,8 +105,9 @@ def remove(store: Store, refs: Sequence[str], *, cascade: bool) -> tuple[Removal
     disappears; no data is written before that, so a full disk does not stop it. The files are deleted
     next, and the tombstone is stamped with the time last.
     """
+    plan_removal(store, refs, cascade=cascade)  # refuse bad references before the lock creates anything
     with store.lineage_lock(exclusive=True):
-        removal = plan_removal(store, refs, cascade=cascade)
+        removal = plan_removal(store, refs, cascade=cascade)  # again: a job may have committed meanwhile
         hidden = []
         for record in removal.records:
             folder = store.path(record)
@@ -121,7 +124,7 @@ def remove(store: Store, refs: Sequence[str], *, cascade: bool) -> tuple[Removal
         # Best effort: without the stamp the tombstone still holds the record, and still reads as removed.
         with contextlib.suppress(OSError):
             write_json_atomic(store.path(record) / REMOVED_FILE, {"removed": when, "record": record.to_dict()})
-    return removal, freed
+    return dataclasses.replace(removal, records=tuple(hidden)), freed
 
 
 def sweep(store: Store) -> int:
@@ -141,13 +144,15 @@ def sweep(store: Store) -> int:
                 else:
                     size = entry.lstat().st_size
                     entry.unlink()
+            except FileNotFoundError:
+                continue  # another rm or gc deleted it first
             except OSError as exc:
                 raise StoreError(describe_os_error(exc, store.root)) from exc
             freed += size
     return freed
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Abandoned:
     """A staging folder no running job holds: unfinished work of a job that was stopped."""
 
@@ -156,10 +161,11 @@ class Abandoned:
 
 
 def collect_garbage(store: Store, *, dry_run: bool = False) -> list[Abandoned]:
-    """Delete (or with ``dry_run`` only list) abandoned staging folders, and files left by stopped removals.
+    """Delete (or with ``dry_run`` only list) abandoned staging folders, and files left by stopped deletions.
 
-    Each folder is deleted while holding its lock, so a job starting on that key waits, then starts afresh.
-    The lock files stay: deleting one that another process has open would let two writers in.
+    Each folder is taken under its lock, so a job starting on that key waits, then starts afresh; a job
+    that finished meanwhile has already deleted it. The lock files stay: deleting one that another process
+    has open would let two writers in.
     """
     staging = store.root / "staging"
     found: list[Abandoned] = []
@@ -167,15 +173,21 @@ def collect_garbage(store: Store, *, dry_run: bool = False) -> list[Abandoned]:
         if not folder.is_dir():
             continue
         try:
+            if folder.name.startswith(TRASH_PREFIX):  # renamed aside by a deletion that was stopped
+                found.append(Abandoned(folder, _folder_bytes(folder)))
+                if not dry_run:
+                    shutil.rmtree(folder, ignore_errors=True)
+                continue
             with open(staging / f"{folder.name}.lock", "a+") as lock:
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # a running job is writing there
                 try:
-                    found.append(Abandoned(folder, _folder_bytes(folder)))
-                    if not dry_run:
-                        shutil.rmtree(folder)
+                    if folder.is_dir():  # else its job committed and removed it while we waited
+                        found.append(Abandoned(folder, _folder_bytes(folder)))
+                        if not dry_run:
+                            discard_staging(folder)
                 finally:
                     fcntl.flock(lock, fcntl.LOCK_UN)
         except OSError as exc:

@@ -244,16 +244,37 @@ class Staging:
             return record
 
 
+TRASH_PREFIX = ".trash-"
+
+
+def discard_staging(root: Path) -> None:
+    """Delete a staging folder so that no kill leaves part of it: rename it aside at once, then delete.
+
+    ``rmtree`` alone, stopped half-way, could keep a clip's progress marker and lose its data, and the next
+    run would resume past a clip it does not have. Folders renamed aside are deleted by ``featstore gc``
+    when a kill stops the deletion itself.
+    """
+    if not root.exists():
+        return
+    trash = root.with_name(f"{TRASH_PREFIX}{root.name}-{secrets.token_hex(4)}")
+    try:
+        os.rename(root, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 _RECOMPUTED_BY = {"features": "featstore build", "decoder": "featstore train", "result": "featstore predict"}
 
 
 def recompute_hint(type: str) -> str:
     """How to replace a damaged artifact: its job again with --force, which commits a fresh version."""
     command = _RECOMPUTED_BY.get(type)
-    if command is None:  # datasets: any build that computes (--force does) records the dataset again
-        return "Run `featstore build` on that data again with --force: it records the dataset anew"
-    return (f"Recompute it: run the `{command}` command that made it again with --force, which commits a new "
-            "version that supersedes this one")
+    if command is None:  # datasets: every build checks its dataset's record and records it again if damaged
+        return ("Run `featstore build` on that data again: it records the dataset anew (for a -holdout dataset, "
+                "run the `featstore compare` that made it again)")
+    return (f"Recompute it: run the `{command}` (or `featstore compare`) command that made it again with --force, "
+            "which commits a new version that supersedes this one")
 
 
 def describe_os_error(exc: OSError, root: Path) -> str:
@@ -368,7 +389,7 @@ class Store:
         kinds = [type] if type else list(ARTIFACT_TYPES)
         unreadable: builtins.list[str] = []
         candidates = [r for kind in kinds for r in self._records(kind, name, unreadable)]
-        if unreadable and alias == "latest":  # the newest may be the unreadable one: never skip it silently
+        if unreadable and (alias == "latest" or not candidates):  # the one asked for may be the unreadable one
             raise StoreError(unreadable[0])
         if not candidates:
             what = f"{type} artifact" if type else "artifact"
@@ -465,15 +486,17 @@ class Store:
             staging = Staging(self, type, name, key, root, fresh=fresh)
             if staging.committed is None:
                 try:
-                    if fresh:
-                        shutil.rmtree(root, ignore_errors=True)
+                    # Progress markers without their data (a kill after the commit's rename moved the data
+                    # away) would make the next run skip clips it no longer has.
+                    if fresh or (staging.scratch.exists() and not staging.path.exists()):
+                        discard_staging(root)
                     staging.path.mkdir(parents=True, exist_ok=True)
                     staging.scratch.mkdir(parents=True, exist_ok=True)
                 except OSError as exc:
                     raise StoreError(describe_os_error(exc, self.root)) from exc
             yield staging
             if staging.committed is not None:
-                shutil.rmtree(root, ignore_errors=True)
+                discard_staging(root)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
             lock.close()

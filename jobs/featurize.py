@@ -91,8 +91,10 @@ def commit_dataset(store: Store, dataset: Dataset) -> ArtifactRecord:
     recorded again as a new version (the table is rebuilt from the files at hand, so nothing is lost).
     """
     existing = store.find("dataset", dataset.name, dataset.digest())
-    damaged = existing is not None and bool(store.verify(existing))
-    if existing is not None and damaged:
+    if existing is not None and not store.verify(existing):
+        return existing  # intact: nothing is written, so a cached build works on a read-only store
+    damaged = existing is not None
+    if existing is not None:
         print(f"featstore: the dataset record {existing.ref} is damaged; recording {dataset.name} again",
               file=sys.stderr)
     with store.stage("dataset", dataset.name, dataset.digest(), fresh=damaged) as staging:
@@ -597,6 +599,7 @@ def _build(
     store = plan.store
     cached = None if force else store.find("features", plan.name, plan.key)
     if cached is not None:
+        commit_dataset(store, plan.dataset)  # records the dataset again if its record was damaged
         return _result(store, cached, cached=True)
     try:
         return _build_uncached(plan, extractor, batch_size=batch_size, device=device,

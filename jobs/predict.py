@@ -207,7 +207,7 @@ def _frame_table(store: Store, artifact: FeatureArtifact) -> dict[int, tuple[str
     ref = recorded.get("ref")
     if not ref:
         return {}
-    # The newest record of that content: a damaged one is recorded again by the next build or predict.
+    # The newest record of that content: a build of that data records a damaged one again.
     found = store.find("dataset", recorded["name"], recorded["digest"]) if recorded.get("digest") else None
     record = found if found is not None else store.resolve(ref, type="dataset")
     table_file = store.path(record) / DATASET_TABLE

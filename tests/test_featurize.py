@@ -129,7 +129,7 @@ def test_damaged_chunk_is_caught_by_readers_and_verify(tmp_path: Path, small_dav
         open_features(store, result.ref).read("gamma", "stage2")
     capsys.readouterr()
     assert main(["verify", result.ref, "--store", str(store.root)]) == 1
-    assert "fix: Recompute it: run the `featstore build` command that made it again with --force" in capsys.readouterr().out
+    assert "fix: Recompute it: run the `featstore build` (or `featstore compare`) command that made it again with --force" in capsys.readouterr().out
     assert main(["verify", result.ref, "--store", str(store.root), "--json"]) == 1
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert not report["ok"] and "--force" in report["fix"]
@@ -164,7 +164,7 @@ def test_force_replaces_a_damaged_artifact_with_a_new_version(tmp_path: Path, sm
     assert cached["cached"] and cached["ref"] == forced["ref"], "the cache now answers with the new version"
 
 
-def test_a_damaged_dataset_record_is_recorded_again_by_a_forced_build(
+def test_a_damaged_dataset_record_is_recorded_again_by_the_next_build(
     tmp_path: Path, small_davis: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     store = Store(tmp_path / "store")
@@ -173,10 +173,12 @@ def test_a_damaged_dataset_record_is_recorded_again_by_a_forced_build(
     (store.path(store.resolve(dataset_ref)) / "frames.json").unlink()
     problems = store.verify(store.resolve(dataset_ref))
     assert problems == ["missing file frames.json"]
+    cached = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
+    assert cached.cached and f"the dataset record {dataset_ref} is damaged" in capsys.readouterr().err
+    (dataset,) = [r for r in store.list("dataset") if r.ref != dataset_ref]
+    assert store.verify(dataset) == [] and dataset.key == store.resolve(dataset_ref).key
     forced = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False, force=True)
-    assert f"the dataset record {dataset_ref} is damaged" in capsys.readouterr().err
-    (new_dataset,) = forced.record.parents
-    assert new_dataset != dataset_ref and store.verify(store.resolve(new_dataset)) == []
+    assert forced.record.parents == (dataset.ref,), "the intact record is reused, not recorded a third time"
 
 
 def test_force_does_not_resume_an_interrupted_build(tmp_path: Path, small_davis: Path,

@@ -274,7 +274,7 @@ def test_a_damaged_result_says_how_to_recompute_it_and_force_does(trained: Train
     kept = png_bytes(first)
     removed = sorted((first.out / "outputs").iterdir())[0]
     removed.unlink()
-    with pytest.raises(StoreError, match=r"run the `featstore predict` command that made it again with --force"):
+    with pytest.raises(StoreError, match=r"run the `featstore predict` \(or `featstore compare`\) command that made it again with --force"):
         predict_dataset(store, decoder_ref, folder, device="cpu", progress=False)
     forced = predict_dataset(store, decoder_ref, folder, device="cpu", progress=False, force=True)
     assert not forced.cached and forced.ref != first.ref and forced.record.key == first.record.key

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,9 @@ from conftest import stopped_build
 
 from featstore.cli import main
 from featstore.errors import StoreError
-from featstore.removal import plan_removal, remove, sweep
-from featstore.store import RECORD_FILE, REMOVED_FILE, Store, write_json_atomic
+from featstore.features import open_features
+from featstore.removal import collect_garbage, plan_removal, remove, sweep
+from featstore.store import RECORD_FILE, REMOVED_FILE, TRASH_PREFIX, Store, write_json_atomic
 from jobs.featurize import build_features
 from jobs.predict import predict_dataset
 from jobs.train import train_decoders
@@ -177,3 +180,51 @@ def test_gc_deletes_abandoned_staging_but_not_work_in_progress(
         assert (running.path / "partial.bin").is_file(), "work in progress is left alone"
     rebuilt = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
     assert store.verify(rebuilt.record) == [], "the stopped build starts over after gc"
+
+
+def test_rm_waits_for_a_commit_in_progress(tmp_path: Path, small_davis: Path) -> None:
+    store = Store(tmp_path / "store")
+    built = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
+    finished = threading.Event()
+
+    def remove_it() -> None:
+        remove(store, [built.ref], cascade=False)
+        finished.set()
+
+    with store.lineage_lock(exclusive=False):  # what a commit holds while it checks parents and renames in
+        worker = threading.Thread(target=remove_it)
+        worker.start()
+        assert not finished.wait(0.5), "rm went ahead while a commit held the lineage lock"
+        assert store.resolve(built.ref) == built.record
+    worker.join(timeout=30)
+    assert finished.is_set() and [r.type for r in store.list()] == ["dataset"]
+
+
+def test_gc_deletes_folders_a_stopped_deletion_left_aside(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    aside = store.root / "staging" / f"{TRASH_PREFIX}features-abc-1234"
+    (aside / "data").mkdir(parents=True)
+    (aside / "data" / "chunk").write_bytes(b"x" * 500)
+    (found,) = collect_garbage(store)
+    assert found.path == aside and found.bytes == 500 and not aside.exists()
+
+
+def test_progress_markers_without_their_data_are_not_resumed(tmp_path: Path, small_davis: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    store = Store(tmp_path / "store")
+    staging = stopped_build(store, small_davis)
+    shutil.rmtree(staging / "data")  # as a kill right after a commit's rename leaves it
+    rebuilt = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
+    assert "already finished" not in capsys.readouterr().err
+    assert store.verify(rebuilt.record) == []
+    features = open_features(store, rebuilt.ref)
+    assert features.read("alpha", "stage2").abs().sum() > 0, "clip alpha was computed, not skipped"
+
+
+def test_a_lone_unreadable_version_is_named_as_unreadable(tmp_path: Path, small_davis: Path) -> None:
+    store = Store(tmp_path / "store")
+    built = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
+    (store.path(built.record) / RECORD_FILE).write_text("{not json")
+    for ref in (built.ref, built.record.name):
+        with pytest.raises(StoreError, match="is unreadable"):
+            store.resolve(ref)
