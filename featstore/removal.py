@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import fcntl
+import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from featstore.errors import StoreError
 from featstore.store import (
+    ARTIFACT_TYPES,
     RECORD_FILE,
     REMOVED_FILE,
     TRASH_PREFIX,
@@ -80,7 +82,13 @@ def plan_removal(store: Store, refs: Sequence[str], *, cascade: bool) -> Removal
                 f"{ref!r}: name the version to remove, as NAME:vN (`featstore ls` lists them); removal never "
                 "guesses a version"
             )
-        record = store.resolve(ref)
+        try:
+            record = store.resolve(ref)
+        except StoreError:
+            unreadable_version = _unreadable(store, ref)
+            if unreadable_version is None:
+                raise
+            record = unreadable_version
         chosen[record.ref] = record
     unreadable: list[str] = []
     made_from = dependents(store, list(chosen.values()), unreadable)
@@ -195,6 +203,30 @@ def collect_garbage(store: Store, *, dry_run: bool = False) -> list[Abandoned]:
     if not dry_run:
         sweep(store)
     return found
+
+
+def _unreadable(store: Store, ref: str) -> ArtifactRecord | None:
+    """A stand-in record for ``NAME:vN`` whose own record cannot be read, so rm can still drop it.
+
+    Only the reference is known; dependents are found by it, since they name their parents by reference.
+    """
+    name, _, version = ref.strip().partition(":v")
+    if not version.isdigit():
+        return None
+    for kind in ARTIFACT_TYPES:
+        record_file = store.root / "artifacts" / kind / name / f"v{int(version)}" / RECORD_FILE
+        if record_file.is_file() and not _readable(record_file):
+            return ArtifactRecord(type=kind, name=name, version=int(version), key="", parents=(), created="",
+                                  featstore_version="")
+    return None
+
+
+def _readable(record_file: Path) -> bool:
+    try:
+        ArtifactRecord.from_dict(json.loads(record_file.read_text()))
+    except (OSError, ValueError, KeyError):
+        return False
+    return True
 
 
 def _depth(record: ArtifactRecord, among: dict[str, ArtifactRecord]) -> int:

@@ -346,9 +346,10 @@ class Store:
         try:
             return ArtifactRecord.from_dict(json.loads(record_file.read_text()))
         except (OSError, ValueError, KeyError) as exc:
+            version = record_file.parent
             raise StoreError(
-                f"artifact record {record_file} is unreadable ({exc}): restore it, or remove the version folder "
-                f"{record_file.parent} to drop that version"
+                f"artifact record {record_file} is unreadable ({exc}): restore it, or drop that version with "
+                f"`featstore rm {version.parent.name}:{version.name}`"
             ) from exc
 
     def _next_version(self, type: str, name: str) -> int:

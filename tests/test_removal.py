@@ -226,5 +226,11 @@ def test_a_lone_unreadable_version_is_named_as_unreadable(tmp_path: Path, small_
     built = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
     (store.path(built.record) / RECORD_FILE).write_text("{not json")
     for ref in (built.ref, built.record.name):
-        with pytest.raises(StoreError, match="is unreadable"):
+        with pytest.raises(StoreError, match=rf"is unreadable .*`featstore rm {built.ref}`"):
             store.resolve(ref)
+    removal, freed = remove(store, [built.ref], cascade=False)
+    assert removal.refs == [built.ref] and freed > 0
+    with pytest.raises(StoreError, match="removed with `featstore rm`"):
+        store.resolve(built.ref)
+    again = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
+    assert again.ref.endswith(":v2"), "the dropped version's number is not reused"
