@@ -75,6 +75,28 @@ def dependents(
 
 def plan_removal(store: Store, refs: Sequence[str], *, cascade: bool) -> Removal:
     """Resolve explicit ``NAME:vN`` references and order their removal; refuse to orphan a dependent."""
+    chosen = _chosen(store, refs)
+    unreadable: list[str] = []
+    made_from = dependents(store, list(chosen.values()), unreadable)
+    if made_from and not cascade:
+        shown = ", ".join(record.ref for record in made_from[:6]) + (" ..." if len(made_from) > 6 else "")
+        raise StoreError(
+            f"{len(made_from)} artifact(s) were made from {', '.join(chosen)}: {shown}. Remove them first, or "
+            "pass --cascade to remove them too"
+        )
+    among = {**chosen, **{record.ref: record for record in made_from}}
+    # Deepest first: a removal stopped part-way never leaves a version whose parent is gone.
+    ordered = sorted(among.values(), key=lambda record: -_depth(record, among))
+    # The record itself stays, as the tombstone: everything else is freed.
+    try:
+        size = sum(_folder_bytes(store.path(r)) - (store.path(r) / RECORD_FILE).stat().st_size for r in ordered)
+    except FileNotFoundError as exc:
+        raise StoreError(f"{exc.filename} vanished while planning the removal: another rm is running; try again") from exc
+    return Removal(tuple(ordered), size, tuple(unreadable))
+
+
+def _chosen(store: Store, refs: Sequence[str]) -> dict[str, ArtifactRecord]:
+    """The records ``refs`` name, each once; references need an explicit version."""
     chosen: dict[str, ArtifactRecord] = {}
     for ref in refs:
         if ":v" not in ref:
@@ -90,20 +112,7 @@ def plan_removal(store: Store, refs: Sequence[str], *, cascade: bool) -> Removal
                 raise
             record = unreadable_version
         chosen[record.ref] = record
-    unreadable: list[str] = []
-    made_from = dependents(store, list(chosen.values()), unreadable)
-    if made_from and not cascade:
-        shown = ", ".join(record.ref for record in made_from[:6]) + (" ..." if len(made_from) > 6 else "")
-        raise StoreError(
-            f"{len(made_from)} artifact(s) were made from {', '.join(chosen)}: {shown}. Remove them first, or "
-            "pass --cascade to remove them too"
-        )
-    among = {**chosen, **{record.ref: record for record in made_from}}
-    # Deepest first: a removal stopped part-way never leaves a version whose parent is gone.
-    ordered = sorted(among.values(), key=lambda record: -_depth(record, among))
-    # The record itself stays, as the tombstone: everything else is freed.
-    size = sum(_folder_bytes(store.path(r)) - (store.path(r) / RECORD_FILE).stat().st_size for r in ordered)
-    return Removal(tuple(ordered), size, tuple(unreadable))
+    return chosen
 
 
 def remove(store: Store, refs: Sequence[str], *, cascade: bool) -> tuple[Removal, int]:
@@ -113,7 +122,7 @@ def remove(store: Store, refs: Sequence[str], *, cascade: bool) -> tuple[Removal
     disappears; no data is written before that, so a full disk does not stop it. The files are deleted
     next, and the tombstone is stamped with the time last.
     """
-    plan_removal(store, refs, cascade=cascade)  # refuse bad references before the lock creates anything
+    _chosen(store, refs)  # refuse bad references before the lock file is created
     with store.lineage_lock(exclusive=True):
         removal = plan_removal(store, refs, cascade=cascade)  # again: a job may have committed meanwhile
         hidden = []
@@ -180,22 +189,23 @@ def collect_garbage(store: Store, *, dry_run: bool = False) -> list[Abandoned]:
     for folder in sorted(staging.iterdir()) if staging.is_dir() else []:
         if not folder.is_dir():
             continue
+        # A folder renamed aside (.trash-<name>.<token>) is deleted by its job while it holds <name>.lock.
+        trashed = folder.name.startswith(TRASH_PREFIX)
+        key_name = folder.name[len(TRASH_PREFIX):].rpartition(".")[0] if trashed else folder.name
         try:
-            if folder.name.startswith(TRASH_PREFIX):  # renamed aside by a deletion that was stopped
-                found.append(Abandoned(folder, _folder_bytes(folder)))
-                if not dry_run:
-                    shutil.rmtree(folder, ignore_errors=True)
-                continue
-            with open(staging / f"{folder.name}.lock", "a+") as lock:
+            with open(staging / f"{key_name}.lock", "a+") as lock:
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    continue  # a running job is writing there
+                    continue  # a running job is writing there, or deleting it
                 try:
                     if folder.is_dir():  # else its job committed and removed it while we waited
                         found.append(Abandoned(folder, _folder_bytes(folder)))
                         if not dry_run:
-                            discard_staging(folder)
+                            if trashed:
+                                shutil.rmtree(folder, ignore_errors=True)
+                            else:
+                                discard_staging(folder)
                 finally:
                     fcntl.flock(lock, fcntl.LOCK_UN)
         except OSError as exc:
@@ -236,4 +246,10 @@ def _depth(record: ArtifactRecord, among: dict[str, ArtifactRecord]) -> int:
 
 
 def _folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+    """Bytes of the files under ``path``; files deleted meanwhile (by another rm or gc) count as nothing."""
+    total = 0
+    for entry in path.rglob("*"):
+        with contextlib.suppress(FileNotFoundError):
+            if entry.is_file() and not entry.is_symlink():
+                total += entry.stat().st_size
+    return total

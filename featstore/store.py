@@ -177,7 +177,9 @@ def _list_files(root: Path) -> list[str]:
 class Staging:
     """A locked, resumable scratch folder for one content key; ``commit`` publishes it as the next version."""
 
-    def __init__(self, store: Store, type: str, name: str, key: str, root: Path, *, fresh: bool = False) -> None:
+    def __init__(
+        self, store: Store, type: str, name: str, key: str, root: Path, *, fresh: bool = False, intact: bool = False
+    ) -> None:
         self.store = store
         self.type = type
         self.name = name
@@ -186,6 +188,8 @@ class Staging:
         self.path = root / "data"
         self.scratch = root / "scratch"
         self.committed: ArtifactRecord | None = None if fresh else store.find(type, name, key)
+        if intact and self.committed is not None and store.verify(self.committed):
+            self.committed = None  # damaged: stage a new version
 
     def commit(self, parents: Sequence[str], metadata: dict[str, Any]) -> ArtifactRecord:
         """Hash every file, write the record, flush, and rename into the next free version, atomically."""
@@ -256,7 +260,7 @@ def discard_staging(root: Path) -> None:
     """
     if not root.exists():
         return
-    trash = root.with_name(f"{TRASH_PREFIX}{root.name}-{secrets.token_hex(4)}")
+    trash = root.with_name(f"{TRASH_PREFIX}{root.name}.{secrets.token_hex(4)}")
     try:
         os.rename(root, trash)
     except FileNotFoundError:
@@ -459,13 +463,16 @@ class Store:
             handle.close()
 
     @contextlib.contextmanager
-    def stage(self, type: str, name: str, key: str, *, fresh: bool = False) -> Iterator[Staging]:
+    def stage(
+        self, type: str, name: str, key: str, *, fresh: bool = False, intact: bool = False
+    ) -> Iterator[Staging]:
         """A staging area for one content key, held under an exclusive lock for one writer at a time.
 
         A second process staging the same key waits for the first; when the first committed, the second
         sees ``staging.committed`` and reuses it. An interrupted staging area is left in place so the
         next run can resume from what it finished. ``fresh`` (``--force``) ignores both: the staging
-        area starts empty and commits a new version even when one with this key exists.
+        area starts empty and commits a new version even when one with this key exists. ``intact`` reuses a
+        committed version only if its files verify (checked under the lock, so two waiters commit one).
         """
         if type not in ARTIFACT_TYPES:
             raise StoreError(f"unknown artifact type {type!r}; expected one of {', '.join(ARTIFACT_TYPES)}")
@@ -484,7 +491,7 @@ class Store:
                 print(f"featstore: waiting for another job writing {type} {name} ({key[:12]})", file=sys.stderr)
                 fcntl.flock(lock, fcntl.LOCK_EX)
             root = staging_root / f"{type}-{key[:32]}"
-            staging = Staging(self, type, name, key, root, fresh=fresh)
+            staging = Staging(self, type, name, key, root, fresh=fresh, intact=intact)
             if staging.committed is None:
                 try:
                     # Progress markers without their data (a kill after the commit's rename moved the data

@@ -93,11 +93,10 @@ def commit_dataset(store: Store, dataset: Dataset) -> ArtifactRecord:
     existing = store.find("dataset", dataset.name, dataset.digest())
     if existing is not None and not store.verify(existing):
         return existing  # intact: nothing is written, so a cached build works on a read-only store
-    damaged = existing is not None
     if existing is not None:
         print(f"featstore: the dataset record {existing.ref} is damaged; recording {dataset.name} again",
               file=sys.stderr)
-    with store.stage("dataset", dataset.name, dataset.digest(), fresh=damaged) as staging:
+    with store.stage("dataset", dataset.name, dataset.digest(), intact=True) as staging:
         if staging.committed is not None:
             return staging.committed
         table = [
@@ -599,7 +598,10 @@ def _build(
     store = plan.store
     cached = None if force else store.find("features", plan.name, plan.key)
     if cached is not None:
-        commit_dataset(store, plan.dataset)  # records the dataset again if its record was damaged
+        try:
+            commit_dataset(store, plan.dataset)  # records the dataset again if its record was damaged
+        except StoreError as exc:  # e.g. a read-only store: the cached features are still good to use
+            print(f"featstore: warning: could not check the dataset record: {exc}", file=sys.stderr)
         return _result(store, cached, cached=True)
     try:
         return _build_uncached(plan, extractor, batch_size=batch_size, device=device,

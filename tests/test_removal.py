@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -202,11 +203,15 @@ def test_rm_waits_for_a_commit_in_progress(tmp_path: Path, small_davis: Path) ->
 
 def test_gc_deletes_folders_a_stopped_deletion_left_aside(tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
-    aside = store.root / "staging" / f"{TRASH_PREFIX}features-abc-1234"
-    (aside / "data").mkdir(parents=True)
-    (aside / "data" / "chunk").write_bytes(b"x" * 500)
-    (found,) = collect_garbage(store)
-    assert found.path == aside and found.bytes == 500 and not aside.exists()
+    left, busy = (store.root / "staging" / f"{TRASH_PREFIX}features-{key}.1a2b" for key in ("left", "busy"))
+    for aside in (left, busy):
+        (aside / "data").mkdir(parents=True)
+        (aside / "data" / "chunk").write_bytes(b"x" * 500)
+    with open(store.root / "staging" / "features-busy.lock", "a+") as lock:  # its job is deleting it now
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        (found,) = collect_garbage(store)
+    assert found.path == left and found.bytes == 500 and not left.exists()
+    assert busy.exists(), "a folder its job is still deleting is that job's to delete"
 
 
 def test_progress_markers_without_their_data_are_not_resumed(tmp_path: Path, small_davis: Path,
