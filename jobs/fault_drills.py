@@ -31,7 +31,7 @@ from PIL import Image
 
 from featstore.errors import StoreError
 from featstore.features import GROUP_DIR, open_features
-from featstore.store import ArtifactRecord, Store
+from featstore.store import REMOVED_FILE, ArtifactRecord, Store
 from jobs.featurize import DONE_DIR, build_features
 
 BACKBONE = "tiny"
@@ -252,8 +252,8 @@ def visible_problems(store_root: Path) -> list[str]:
             for entry in sorted(name_dir.iterdir()):
                 if not (entry.is_dir() and entry.name.startswith("v") and entry.name[1:].isdigit()):
                     problems.append(f"stray entry {entry.relative_to(store_root)}")
-                elif not (entry / "artifact.json").is_file():
-                    problems.append(f"version without record {entry.relative_to(store_root)}")
+                elif not (entry / "artifact.json").is_file() and not (entry / REMOVED_FILE).is_file():
+                    problems.append(f"version without record {entry.relative_to(store_root)}")  # nor tombstone
     try:
         records = store.list()
     except StoreError as exc:
@@ -350,12 +350,16 @@ def _run_until(command: list[str], condition: Callable[[float], bool], logs: Pat
         return code, killed, time.monotonic() - started
 
 
-def drill_sigkill(bench: DrillBench, point: KillPoint, *, rerun_in_process: bool = False) -> DrillResult:
+def drill_sigkill(
+    bench: DrillBench, point: KillPoint, *, rerun_in_process: bool = False, remove_committed: bool = False
+) -> DrillResult:
     """SIGKILL `featstore build` at ``point``; nothing half-done may be visible, and a rerun must resume
     from the finished clips and produce exactly the clean build's features.
 
     The rerun is a new ``featstore build`` process, or the same command's entry point called in this
-    process when ``rerun_in_process`` (the same code without a second interpreter start-up).
+    process when ``rerun_in_process`` (the same code without a second interpreter start-up). With
+    ``remove_committed``, a version the killed build committed is removed with `featstore rm` first, so
+    the rerun must build it again whole from whatever the kill left in staging.
     """
     started = time.perf_counter()
     run_dir = bench.fresh_dir("sigkill")
@@ -389,6 +393,14 @@ def drill_sigkill(bench: DrillBench, point: KillPoint, *, rerun_in_process: bool
     evidence["moment"] = moment
     if evidence["visible_problems_after_kill"]:
         failures.append("after the kill: " + "; ".join(evidence["visible_problems_after_kill"][:3]))
+    removed = remove_committed and bool(visible)
+    if removed:
+        rm_exit, _, rm_err = cli_in_process(["rm", *(r.ref for r in visible), "--store", str(store_root)])
+        evidence["rm_exit"] = rm_exit
+        if rm_exit != 0:
+            failures.append(f"`featstore rm` after the kill exited {rm_exit}: {rm_err.strip()[-300:]}")
+            return _finish("sigkill", f"SIGKILL {point.describe()}, then rm", started, failures, moment, evidence)
+        moment += ", then removed with rm"
 
     if rerun_in_process:
         rerun_exit, rerun_out, rerun_err = cli_in_process(bench.build_args(store_root))
@@ -404,7 +416,10 @@ def drill_sigkill(bench: DrillBench, point: KillPoint, *, rerun_in_process: bool
     evidence["rerun_cached"] = built.get("cached")
     resumed = f"{len(finished)} clip(s) already finished"
     evidence["rerun_reported_resume"] = resumed in rerun_err
-    if visible or not killed:
+    if removed:
+        if built.get("cached") is not False or "resuming" in rerun_err:
+            failures.append("the rerun after rm did not build every clip afresh")
+    elif visible or not killed:
         if built.get("cached") is not True:
             failures.append("the rerun after a committed build recomputed instead of reusing it")
     elif finished and resumed not in rerun_err:
@@ -426,14 +441,17 @@ def drill_sigkill(bench: DrillBench, point: KillPoint, *, rerun_in_process: bool
         failures.append("after the rerun: " + "; ".join(evidence["visible_problems_after_rerun"][:3]))
     if evidence["differences"]:
         failures.append("features differ from a clean build: " + ", ".join(evidence["differences"][:5]))
-    if built.get("cached"):
+    if removed:
+        rerun_did = "built every clip again"
+    elif built.get("cached"):
         rerun_did = "reused the commit"
     elif finished:
         rerun_did = f"resumed from {len(finished)} finished clip(s)"
     else:
         rerun_did = "built every clip"
     details = f"{moment}; rerun {rerun_did}, verify ok, equal to a clean build"
-    return _finish("sigkill", f"SIGKILL {point.describe()}", started, failures, details, evidence)
+    title = f"SIGKILL {point.describe()}" + (", then rm" if removed else "")
+    return _finish("sigkill", title, started, failures, details, evidence)
 
 
 # --- drill 2: concurrent builds --------------------------------------------------------------------

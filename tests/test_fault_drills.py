@@ -62,6 +62,18 @@ def test_sigkill_right_after_the_commit_keeps_a_verified_version(bench: DrillBen
 
 
 @pytest.mark.slow
+def test_a_version_removed_after_a_kill_at_its_commit_is_built_again_whole(bench: DrillBench) -> None:
+    result = drill_sigkill(bench, KillPoint(after_commit=True), remove_committed=True)
+    assert result.survived, result.details
+    evidence = result.evidence
+    if evidence["killed"]:
+        assert evidence["rm_exit"] == 0 and evidence["rerun_cached"] is False
+        assert "resuming" not in evidence["rerun_stderr"], "markers whose data was committed are not resumed"
+        assert evidence["versions_after_rerun"] == [evidence["visible_after_kill"][0].replace(":v1", ":v2")]
+    assert evidence["verify_exit"] == 0 and evidence["differences"] == []
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("seconds", [0.5, 4.5, 5.5, 6.5])
 def test_sigkill_after_a_delay(bench: DrillBench, seconds: float) -> None:
     result = drill_sigkill(bench, KillPoint(after_seconds=seconds))
