@@ -4,7 +4,7 @@ Feature artifacts run to gigabytes per backbone, and ``--force`` leaves supersed
 store needs pruning. A version is removed by one atomic rename of its record to ``removed.json``: from
 that instant no reader, cache lookup or ``ls`` sees it, and the folder stays as a tombstone so its version
 number is never given to other content and ``NAME:vN`` can say it was removed. Its data files are deleted
-after the rename; a removal killed part-way leaves only invisible files, which the next ``rm`` deletes.
+after the rename; a removal killed part-way leaves only invisible files, which the next ``rm`` or ``gc`` deletes.
 Artifacts made from a version (its dependents) go first, or the removal is refused, so no committed
 version is left with a parent that is gone.
 
