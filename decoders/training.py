@@ -355,13 +355,12 @@ def train_heads(
         losses = [torch.zeros(len(unit.heads), device=device) for unit in units]
         # Summed on the device and read once at the end: a per-epoch read would wait for the GPU.
         epoch_sums = [torch.zeros((epochs, len(unit.heads)), device=device) for unit in units]
-        frames_per_epoch = 0
+        frames_per_epoch = max(1, len(train))  # every epoch's batches cover every frame once
         frames = 0
         bar = tqdm(
             total=total_steps, desc=f"training {len(heads)} head(s)", file=sys.stderr, disable=not progress
         )
         for epoch in range(epochs):
-            frames_per_epoch = 0
             for index in train.batches(batch_size, generator):
                 features = train.gather(index, gathered)
                 masks = train.mask(index)  # uint8: the loss converts each chunk of frames as it reads it
@@ -372,16 +371,15 @@ def train_heads(
                     clock.stop(u)
                     epoch_sums[u][epoch] += losses[u] * batch
                 frames += batch
-                frames_per_epoch += batch
                 bar.update(1)
             if progress:  # once an epoch: reading the loss waits for the GPU
-                best = float(torch.cat([sums[epoch] for sums in epoch_sums]).min()) / max(1, frames_per_epoch)
+                best = float(torch.cat([sums[epoch] for sums in epoch_sums]).min()) / frames_per_epoch
                 bar.set_postfix(loss=f"{best:.3f}")
         bar.close()
         for unit in units:
             unit.finish()
         unit_seconds = clock.seconds()
-        curves = [(sums / max(1, frames_per_epoch)).T.tolist() for sums in epoch_sums]  # unit: head -> epochs
+        curves = [(sums / frames_per_epoch).T.tolist() for sums in epoch_sums]  # per unit: head -> epochs
         results = []
         for config, head in zip(configs, heads, strict=True):
             u, k = place[id(head)]
