@@ -205,6 +205,7 @@ def _commit(
     fresh: bool,
 ) -> ArtifactRecord:
     decoder: Decoder = best.decoder.cpu().float()
+    head_metrics = [h.metrics() for h in heads]
     sizes = contest_feature_sizes(artifact)
     nflops_head = decoder.nflops(sizes)
     nparams_head = decoder.nparams
@@ -233,7 +234,7 @@ def _commit(
         "train_clips": train_clips,
         "val_clips": val_clips,
         "split": split,
-        "heads": [{k: v for k, v in h.metrics().items() if k != "val_per_clip"} for h in heads],
+        "heads": [{k: v for k, v in m.items() if k != "val_per_clip"} for m in head_metrics],
     }
     with store.stage("decoder", name, key, fresh=fresh) as staging:
         if staging.committed is not None:
@@ -242,7 +243,7 @@ def _commit(
         torch.save(decoder.state_dict(), buffer)
         (staging.path / WEIGHTS_FILE).write_bytes(buffer.getvalue())
         write_json_atomic(staging.path / SPEC_FILE, decoder.spec())
-        write_json_atomic(staging.path / METRICS_FILE, [h.metrics() for h in heads])
-        write_training_curves([h.metrics() for h in heads], staging.path / PLOT_FILE, best=best.config.label,
+        write_json_atomic(staging.path / METRICS_FILE, head_metrics)
+        write_training_curves(head_metrics, staging.path / PLOT_FILE, best=best.config.label,
                               title=f"{name}: {len(heads)} head(s) on {artifact.record.ref}")
         return staging.commit(parents=parents, metadata=metadata)
