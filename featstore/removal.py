@@ -35,6 +35,7 @@ from featstore.store import (
     Store,
     describe_os_error,
     discard_staging,
+    staging_lock,
     write_json_atomic,
 )
 
@@ -189,11 +190,9 @@ def collect_garbage(store: Store, *, dry_run: bool = False) -> list[Abandoned]:
     for folder in sorted(staging.iterdir()) if staging.is_dir() else []:
         if not folder.is_dir():
             continue
-        # A folder renamed aside (.trash-<name>.<token>) is deleted by its job while it holds <name>.lock.
-        trashed = folder.name.startswith(TRASH_PREFIX)
-        key_name = folder.name[len(TRASH_PREFIX):].rpartition(".")[0] if trashed else folder.name
+        trashed = folder.name.startswith(TRASH_PREFIX)  # renamed aside: its job deletes it under the same lock
         try:
-            with open(staging / f"{key_name}.lock", "a+") as lock:
+            with open(staging_lock(folder), "a+") as lock:
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:

@@ -251,6 +251,17 @@ class Staging:
 TRASH_PREFIX = ".trash-"
 
 
+def staging_lock(folder: Path) -> Path:
+    """The lock file of a staging folder, or of one renamed aside (``.trash-<name>.<token>``) for deletion.
+
+    A job holds it while it writes in the folder, and while it deletes the folder once renamed aside.
+    """
+    name = folder.name
+    if name.startswith(TRASH_PREFIX):
+        name = name[len(TRASH_PREFIX) :].rpartition(".")[0]
+    return folder.with_name(f"{name}.lock")
+
+
 def discard_staging(root: Path) -> None:
     """Delete a staging folder so that no kill leaves part of it: rename it aside at once, then delete.
 
@@ -258,8 +269,6 @@ def discard_staging(root: Path) -> None:
     run would resume past a clip it does not have. Folders renamed aside are deleted by ``featstore gc``
     when a kill stops the deletion itself.
     """
-    if not root.exists():
-        return
     trash = root.with_name(f"{TRASH_PREFIX}{root.name}.{secrets.token_hex(4)}")
     try:
         os.rename(root, trash)
@@ -480,8 +489,8 @@ class Store:
         staging_root = self.root / "staging"
         try:
             staging_root.mkdir(parents=True, exist_ok=True)
-            lock_path = staging_root / f"{type}-{key[:32]}.lock"
-            lock = open(lock_path, "a+")  # noqa: SIM115 -- held across the yield, closed in finally
+            root = staging_root / f"{type}-{key[:32]}"
+            lock = open(staging_lock(root), "a+")  # noqa: SIM115 -- held across the yield, closed in finally
         except OSError as exc:
             raise StoreError(describe_os_error(exc, self.root)) from exc
         try:
@@ -490,7 +499,6 @@ class Store:
             except BlockingIOError:
                 print(f"featstore: waiting for another job writing {type} {name} ({key[:12]})", file=sys.stderr)
                 fcntl.flock(lock, fcntl.LOCK_EX)
-            root = staging_root / f"{type}-{key[:32]}"
             staging = Staging(self, type, name, key, root, fresh=fresh, intact=intact)
             if staging.committed is None:
                 try:
