@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import fcntl
-import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -224,16 +223,16 @@ def _unreadable(store: Store, ref: str) -> ArtifactRecord | None:
         return None
     for kind in ARTIFACT_TYPES:
         record_file = store.root / "artifacts" / kind / name / f"v{int(version)}" / RECORD_FILE
-        if record_file.is_file() and not _readable(record_file):
+        if record_file.is_file() and not _readable(store, record_file):
             return ArtifactRecord(type=kind, name=name, version=int(version), key="", parents=(), created="",
                                   featstore_version="")
     return None
 
 
-def _readable(record_file: Path) -> bool:
+def _readable(store: Store, record_file: Path) -> bool:
     try:
-        ArtifactRecord.from_dict(json.loads(record_file.read_text()))
-    except (OSError, ValueError, KeyError):
+        store.read_record(record_file)
+    except StoreError:
         return False
     return True
 

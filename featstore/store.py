@@ -335,7 +335,7 @@ class Store:
             record_file = entry / RECORD_FILE
             if entry.name.startswith("v") and entry.name[1:].isdigit() and record_file.is_file():
                 try:
-                    records.append(self._load_record(record_file))
+                    records.append(self.read_record(record_file))
                 except StoreError as exc:
                     if damaged is None:
                         raise
@@ -355,7 +355,8 @@ class Store:
                 notes.append("removed with `featstore rm`")
         return notes[-1] if notes else None
 
-    def _load_record(self, record_file: Path) -> ArtifactRecord:
+    def read_record(self, record_file: Path) -> ArtifactRecord:
+        """Parse one ``artifact.json``; unreadable or malformed is a ``StoreError`` that names the fix."""
         try:
             return ArtifactRecord.from_dict(json.loads(record_file.read_text()))
         except (OSError, ValueError, KeyError) as exc:
