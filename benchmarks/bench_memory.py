@@ -145,7 +145,13 @@ def main() -> None:
         return
     if not args.data.exists():
         sys.exit(f"dataset {args.data} not found: pass --data PATH (the DAVIS dev clips live in ../shared/data)")
-    sizes = sorted({int(n) for n in args.frames.split(",")})
+    try:
+        sizes = sorted({int(n) for n in args.frames.split(",")})
+    except ValueError:
+        sys.exit(f"--frames {args.frames!r}: give comma-separated whole numbers, e.g. 64,256")
+    if min(sizes) < 1 or args.repeat < 1 or args.batch_size < 1:
+        sys.exit(f"--frames {args.frames}, --repeat {args.repeat} and --batch-size {args.batch_size} must all be "
+                 "at least 1")
     rows: list[dict[str, float | str]] = []
     with tempfile.TemporaryDirectory(prefix="featstore-bench-memory-") as tmp:
         work = Path(tmp)
