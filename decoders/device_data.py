@@ -6,6 +6,7 @@ temporal neighbours of a frame are precomputed index arithmetic, clamped to the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -145,19 +146,11 @@ class DeviceFeatures:
         require_masks: bool = True,
     ) -> DeviceFeatures:
         """Load clips (all when ``None``) of a feature artifact onto ``device``, one clip in host memory at a time."""
-        names = list(artifact.clips if clips is None else clips)
-        chosen = list(artifact.layers if layers is None else layers)
-        if not names:
-            raise FeatstoreError(f"no clips selected from {artifact.record.ref}")
+        names, chosen = _selection(artifact, clips, layers)
         if require_masks and not artifact.has_masks:
             raise FeatstoreError(
                 f"masks are missing: {artifact.record.ref} was built from a dataset without a mask on every "
                 "frame; build features from a dataset annotated throughout to train"
-            )
-        unknown = [c for c in names if c not in artifact.clips]
-        if unknown:
-            raise FeatstoreError(
-                f"clips {unknown} are not in {artifact.record.ref}; it has {list(artifact.clips)}"
             )
         lengths = [len(artifact.rows(clip)) for clip in names]
         rows = [row for clip in names for row in artifact.rows(clip)]
@@ -185,6 +178,23 @@ class DeviceFeatures:
             start += length
         strides = artifact.strides()
         return cls(stacked, masks, names, lengths, artifact.frame_size, {k: strides[k] for k in chosen}, rows)
+
+    @staticmethod
+    def load_nbytes(
+        artifact: FeatureArtifact, clips: Sequence[str] | None, *, layers: Sequence[str] | None = None
+    ) -> int:
+        """The ``nbytes`` that ``from_artifact`` with these clips and layers will hold, from metadata alone.
+
+        Every chosen layer's ``(frames, C, h, w)`` in the stored dtype, plus ``(frames, H, W)`` uint8 masks
+        when the artifact has them (``from_artifact`` loads them whenever it does); no chunk is read.
+        """
+        names, chosen = _selection(artifact, clips, layers)
+        frames = sum(int(artifact.metadata["clips"][clip]) for clip in names)
+        shapes = artifact.metadata["feature_shape"]
+        per_frame = sum(math.prod(shapes[layer]) for layer in chosen) * artifact.dtype.itemsize
+        if artifact.has_masks:
+            per_frame += math.prod(artifact.frame_size)
+        return frames * per_frame
 
     def neighbours(self, window: int) -> Tensor:
         """``(N, 2*window+1)`` frame indices at offsets ``-window..+window``, clamped within each frame's clip."""
@@ -242,6 +252,27 @@ class DeviceFeatures:
             self.strides,
             [self.rows[i] for i in index.tolist()],
         )
+
+
+def _selection(
+    artifact: FeatureArtifact, clips: Sequence[str] | None, layers: Sequence[str] | None
+) -> tuple[list[str], list[str]]:
+    """The clips (all when ``None``) and layers (all when ``None``) to load, checked against the artifact."""
+    names = list(artifact.clips if clips is None else clips)
+    chosen = list(artifact.layers if layers is None else layers)
+    if not names:
+        raise FeatstoreError(f"no clips selected from {artifact.record.ref}")
+    unknown = [c for c in names if c not in artifact.clips]
+    if unknown:
+        raise FeatstoreError(
+            f"clips {unknown} are not in {artifact.record.ref}; it has {list(artifact.clips)}"
+        )
+    missing = [layer for layer in chosen if layer not in artifact.layers]
+    if missing:
+        raise FeatstoreError(
+            f"layers {missing} are not in {artifact.record.ref}; it has {list(artifact.layers)}"
+        )
+    return names, chosen
 
 
 def _copy_into(target: Tensor, start: int, values: Tensor, what: str) -> None:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from decoders.device_data import DeviceFeatures
 from decoders.host_allocator import reuse_freed_memory
+from decoders.memory import available_bytes, check_memory
 from decoders.training import (
     HeadConfig,
     build_head,
@@ -107,15 +108,16 @@ class FeatureDataModule(pl.LightningDataModule):
         device = self._target_device()
         artifact = self._open(self.ref, verify=False)
         if self.val_ref is not None:
-            train_clips, val_clips = list(artifact.clips), None
+            train_clips = list(artifact.clips)
             val_artifact = self._open(self.val_ref, verify=False)
-            check_disjoint(artifact.record.ref, train_clips, val_artifact.record.ref, val_artifact.clips)
-            self.val_features = DeviceFeatures.from_artifact(val_artifact, None, device)
+            val_clips = list(val_artifact.clips)
+            check_disjoint(artifact.record.ref, train_clips, val_artifact.record.ref, val_clips)
         else:
+            val_artifact = artifact
             train_clips, val_clips = holdout_split(artifact.clips, self.holdout_fraction, self.seed)
+        check_memory(artifact, train_clips, val_artifact, val_clips, device, available_bytes(device))
         self.train_features = DeviceFeatures.from_artifact(artifact, train_clips, device)
-        if val_clips is not None:
-            self.val_features = DeviceFeatures.from_artifact(artifact, val_clips, device)
+        self.val_features = DeviceFeatures.from_artifact(val_artifact, val_clips, device)
 
     def _loader(self, split: str, data: DeviceFeatures, shuffle: bool) -> DataLoader[Any]:
         generator = torch.Generator().manual_seed(self.seed)

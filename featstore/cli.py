@@ -17,16 +17,9 @@ from typing import Any, NoReturn
 from featstore import __version__
 from featstore.errors import FeatstoreError
 from featstore.store import Store, default_store_root, recompute_hint
+from featstore.units import format_bytes
 
 Handler = Callable[[argparse.Namespace, Store], dict[str, Any]]
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def _say(*lines: str) -> None:
@@ -62,7 +55,7 @@ def cmd_build(args: argparse.Namespace, store: Store) -> dict[str, Any]:
             f"features          {result.ref}{'  (cached: nothing computed)' if result.cached else ''}",
             f"frames            {result.frames} in {result.clips} clips",
             f"feature shape     {shapes}",
-            f"bytes on disk     {_human_bytes(result.bytes)}",
+            f"bytes on disk     {format_bytes(result.bytes)}",
             f"frames/s          {result.fps:.1f}" if not result.cached else "frames/s          - (cached)",
             f"nparams_backbone  {result.nparams_backbone:,}",
             f"path              {result.path}",
@@ -178,7 +171,7 @@ def cmd_ls(args: argparse.Namespace, store: Store) -> dict[str, Any]:
         if not records and not damaged:
             _say(f"no artifacts in {store.root}; try `featstore build --backbone efficientnet_lite0`")
         for record, size in zip(records, sizes, strict=True):
-            _say(f"{record.type:<9} {record.ref:<48} {_human_bytes(size):>9}  {record.created}  {record.key[:12]}")
+            _say(f"{record.type:<9} {record.ref:<48} {format_bytes(size):>9}  {record.created}  {record.key[:12]}")
     summaries = [_summary(r.to_dict()) | {"bytes": size} for r, size in zip(records, sizes, strict=True)]
     return {"artifacts": summaries, "damaged": damaged}
 
@@ -260,9 +253,9 @@ def cmd_rm(args: argparse.Namespace, store: Store) -> dict[str, Any]:
         verb = "would remove" if freed is None else "removed"
         _say(*(f"{verb:<13} {record.ref}  ({record.type})" for record in removal.records))
         if freed is None:
-            _say(f"{'would free':<13} {_human_bytes(removal.bytes)}")
+            _say(f"{'would free':<13} {format_bytes(removal.bytes)}")
         else:
-            _say(f"{'freed':<13} {_human_bytes(freed)}")
+            _say(f"{'freed':<13} {format_bytes(freed)}")
     if freed is None:
         return {"would_remove": removal.refs, "bytes": removal.bytes, "dry_run": True}
     return {"removed": removal.refs, "bytes": freed, "dry_run": False}
@@ -275,8 +268,8 @@ def cmd_gc(args: argparse.Namespace, store: Store) -> dict[str, Any]:
     total = sum(item.bytes for item in abandoned)
     if not args.json:
         verb = "would remove" if args.dry_run else "removed"
-        _say(*(f"{verb:<13} {item.path}  ({_human_bytes(item.bytes)})" for item in abandoned))
-        _say(f"{'would free' if args.dry_run else 'freed':<13} {_human_bytes(total)} of unfinished work"
+        _say(*(f"{verb:<13} {item.path}  ({format_bytes(item.bytes)})" for item in abandoned))
+        _say(f"{'would free' if args.dry_run else 'freed':<13} {format_bytes(total)} of unfinished work"
              + ("" if abandoned else "; no job left any"))
     return {"staging": [{"path": str(item.path), "bytes": item.bytes} for item in abandoned], "bytes": total,
             "dry_run": args.dry_run}

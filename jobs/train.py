@@ -25,6 +25,7 @@ from decoders import (
     train_heads,
 )
 from decoders._registry import create_decoder
+from decoders.memory import available_bytes, check_memory
 from decoders.training import build_head, check_disjoint
 from featstore.accounting import CONTEST_FRAME, check_budget
 from featstore.errors import FeatstoreError
@@ -171,8 +172,9 @@ def train_decoders(
             store.require_intact(cached)  # small files: a damaged decoder is named now, not at predict time
             job.log(cached)
             return TrainResult(cached, cached=True)
-        train = DeviceFeatures.from_artifact(artifact, train_clips, torch_device)
         val_source = val_artifact or artifact
+        check_memory(artifact, train_clips, val_source, val_clips, torch_device, available_bytes(torch_device))
+        train = DeviceFeatures.from_artifact(artifact, train_clips, torch_device)
         val = DeviceFeatures.from_artifact(val_source, val_clips, torch_device)
         print(
             f"featstore: training {len(configs)} head(s) on {len(train)} frames of {len(train_clips)} clip(s), "
