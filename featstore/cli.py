@@ -137,7 +137,7 @@ def cmd_compare(args: argparse.Namespace, store: Store) -> dict[str, Any]:
         store,
         args.data,
         args.backbones,
-        decoder=args.decoder,
+        decoders=args.decoder,
         weights=args.weights,
         holdout_fraction=args.holdout_fraction,
         seed=args.seed,
@@ -430,10 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser(
         "compare",
-        help="build, train, predict and score several backbones on one clip split; print a leaderboard",
+        help="build, train, predict and score backbones and heads on one clip split; print a leaderboard",
         description=(
-            "For each backbone: build its features (or reuse them), train a decoder on the training clips, "
-            "predict the held-out clips into a contest result and score it. Prints a leaderboard and writes "
+            "For each backbone: build its features once (or reuse them); for each decoder on it, train a head "
+            "on the training clips, predict the held-out clips into a contest result and score it. Prints a "
+            "leaderboard with one row per backbone and decoder and writes "
             "compare.csv and compare.png (mean IoU against parameters, with the budget line). Everything is "
             "cached: running it again computes nothing."
         ),
@@ -447,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. efficientnet_lite0,alexnet or tiny@random,timm:resnet18@random to compare without ImageNet weights",
     )
     compare.add_argument("--weights", default="imagenet", help="weights of entries without @WEIGHTS (default imagenet)")
-    compare.add_argument("--decoder", default=None, help="the head trained for every backbone: linear, conv, fpn, temporal (default: fpn)")
+    compare.add_argument("--decoder", type=_csv, default=None, help="head(s), comma-separated: linear, conv, fpn, temporal; each trained on every backbone, one leaderboard row per pair (default: fpn)")
     compare.add_argument("--epochs", type=int, default=10, help="training epochs of each head (default 10)")
     compare.add_argument("--batch-size", type=int, default=8, help="frames per training step and per prediction batch")
     compare.add_argument("--holdout-fraction", type=float, default=0.25, help="fraction of clips held out and scored (default 0.25)")

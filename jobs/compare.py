@@ -1,11 +1,12 @@
-"""The compare job: build, train, predict and score several backbones on one clip-level split.
+"""The compare job: build, train, predict and score backbones and heads on one clip-level split.
 
-Each backbone's features are built (or found) for the whole dataset, a decoder is trained on the
-training clips and validated on the held-out clips, and the held-out clips are then predicted from the
-stored features into a contest result and scored with ``jobs.evaluate``, exactly as a submission would
-be. Every step is a content-keyed artifact, so running the same comparison again computes nothing, and
-adding a backbone computes only that backbone. A backbone over the parameter budget becomes a row
-saying so, not the end of the comparison.
+Each backbone's features are built (or found) once for the whole dataset and shared by every head
+compared on it. Each (backbone, decoder) pair is trained on the training clips as its own decoder
+artifact and validated on the held-out clips, which are then predicted from the stored features into a
+contest result and scored with ``jobs.evaluate``, exactly as a submission would be. Every step is a
+content-keyed artifact, so running the same comparison again computes nothing, and adding a backbone or
+a head computes only that. A pair over the parameter budget becomes a row saying so, not the end of the
+comparison.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import dataclasses
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from decoders import DEFAULT_DECODER, HeadConfig, holdout_split
+from decoders import DEFAULT_DECODER, HeadConfig, get_decoder_class, holdout_split
 from decoders.training import build_head
 from featstore.accounting import check_budget
 from featstore.backbones import create_backbone, get_backbone_spec
@@ -85,9 +86,26 @@ def parse_backbones(entries: Sequence[str], default_weights: str = "imagenet") -
     return choices
 
 
+def parse_decoders(decoders: str | Sequence[str] | None) -> list[str]:
+    """Registered head names, each once; a string is a comma-separated list, ``None`` the default head."""
+    if decoders is None:
+        return [DEFAULT_DECODER]
+    names = [name.strip() for name in (decoders.split(",") if isinstance(decoders, str) else decoders)]
+    if not names or not all(names):
+        raise FeatstoreError(
+            f"--decoder {','.join(names)!r} has an empty name: give heads such as linear,fpn separated by single commas"
+        )
+    for name in names:
+        get_decoder_class(name)  # one line naming the registered heads for an unknown name
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise FeatstoreError(f"--decoder lists {', '.join(repeated)} twice; name each decoder once")
+    return names
+
+
 @dataclass(frozen=True)
 class CompareResult:
-    """The leaderboard (rows sorted by held-out mean IoU) and the files it was written to."""
+    """The leaderboard (one row per backbone and decoder, sorted by held-out mean IoU) and its files."""
 
     dataset: str
     val_clips: tuple[str, ...]
@@ -143,7 +161,7 @@ def compare_backbones(
     data: str | Path | None,
     backbones: Sequence[str],
     *,
-    decoder: str | None = None,
+    decoders: str | Sequence[str] | None = None,
     weights: str = "imagenet",
     holdout_fraction: float = 0.25,
     seed: int = 0,
@@ -155,14 +173,17 @@ def compare_backbones(
     progress: bool = True,
     force: bool = False,
 ) -> CompareResult:
-    """Build, train, predict and score each backbone on one clip-level split; write the csv and plot.
+    """Build, train, predict and score each backbone with each head on one clip-level split; write the csv and plot.
 
     ``backbones`` entries are ``NAME`` (with ``weights``) or ``NAME@WEIGHTS``, e.g. ``tiny@random``.
-    ``out_dir`` defaults to ``<store>/compare/<dataset name>/``. ``force`` recomputes every step (build,
-    train, predict) of every backbone as new versions instead of reusing committed ones.
+    ``decoders`` are head names (``["linear", "fpn"]`` or ``"linear,fpn"``; default: the default head):
+    each backbone's features are built once and every head is trained on them as its own decoder, one
+    leaderboard row per pair. ``out_dir`` defaults to ``<store>/compare/<dataset name>/``. ``force``
+    recomputes every step (build, train, predict) of every pair as new versions instead of reusing
+    committed ones.
     """
     choices = parse_backbones(backbones, weights)
-    head = HeadConfig(decoder=decoder or DEFAULT_DECODER)
+    heads = [HeadConfig(decoder=name) for name in parse_decoders(decoders)]
     if budget < 1:
         raise FeatstoreError(f"--budget {budget} must be a positive number of parameters")
     if epochs < 1:
@@ -176,24 +197,29 @@ def compare_backbones(
         )
     _, held_out_clips = holdout_split(list(dataset.clips()), holdout_fraction, seed)  # the split train makes
     target = Path(out_dir).expanduser().absolute() if out_dir is not None else store.root / "compare" / dataset.name
-    sizes = {choice: _parameter_count(choice, head, seed) for choice in choices}
+    sizes = {choice: _parameter_counts(choice, heads, seed) for choice in choices}
     rows: list[dict[str, Any]] = []
     for index, choice in enumerate(choices, start=1):
         print(f"featstore compare: [{index}/{len(choices)}] {choice.label}", file=sys.stderr)
-        nparams_backbone, nparams_head = sizes[choice]
-        row = _empty_row(choice, head.decoder, nparams_backbone, nparams_head)
-        try:
-            check_budget(nparams_backbone + nparams_head, budget)
-        except BudgetError:
-            row["error"] = _over_budget(head.decoder, nparams_backbone, nparams_head, budget)
-            print(f"featstore compare: {choice.label}: {row['error']}; not trained", file=sys.stderr)
+        nparams_backbone, nparams_heads = sizes[choice]
+        within: list[dict[str, Any]] = []
+        for head in heads:
+            row = _empty_row(choice, head.decoder, nparams_backbone, nparams_heads[head.decoder])
             rows.append(row)
-            continue
-        row = _run_one(
-            store, dataset, data, choice, row, head.decoder, holdout_fraction=holdout_fraction, seed=seed,
-            epochs=epochs, batch_size=batch_size, budget=budget, device=device, progress=progress, force=force,
-        )
-        rows.append(row)
+            try:
+                check_budget(row["nparams"], budget)
+            except BudgetError:
+                row["error"] = _over_budget(head.decoder, nparams_backbone, nparams_heads[head.decoder], budget)
+                print(f"featstore compare: {choice.label} + {head.decoder}: {row['error']}; not trained",
+                      file=sys.stderr)
+                continue
+            within.append(row)
+        if within:  # features only for a backbone that some head fits the budget with
+            _run_backbone(
+                store, dataset, data, choice, within, holdout_fraction=holdout_fraction, seed=seed, epochs=epochs,
+                batch_size=batch_size, budget=budget, device=device, progress=progress, force=force,
+                announce=len(heads) > 1,
+            )
     rows.sort(key=lambda r: -r["mean_iou"] if r["mean_iou"] is not None else math.inf)
     csv_path, plot_path = target / CSV_FILE, target / PLOT_FILE
     _write_csv(rows, csv_path)
@@ -201,13 +227,13 @@ def compare_backbones(
     return CompareResult(dataset.name, tuple(held_out_clips), rows, csv_path, plot_path)
 
 
-def _parameter_count(choice: BackboneChoice, head: HeadConfig, seed: int) -> tuple[int, int]:
-    """Backbone and head parameters, from the backbone as it will be built (its weights load, or fail, here)."""
+def _parameter_counts(choice: BackboneChoice, heads: Sequence[HeadConfig], seed: int) -> tuple[int, dict[str, int]]:
+    """Backbone parameters and each head's, from the backbone as it will be built (its weights load, or fail, here)."""
     extractor = create_backbone(choice.name, weights=choice.weights)
     spec = extractor.spec
     channels = {layer: int(spec.channels[layer]) for layer in extractor.layers}
     strides = {layer: int(spec.strides[layer]) for layer in extractor.layers}
-    return extractor.nparams, build_head(head, channels, strides, seed).nparams
+    return extractor.nparams, {head.decoder: build_head(head, channels, strides, seed).nparams for head in heads}
 
 
 def _over_budget(decoder: str, backbone: int, head: int, budget: int) -> str:
@@ -233,13 +259,12 @@ def _empty_row(choice: BackboneChoice, decoder: str, nparams_backbone: int, npar
     return row
 
 
-def _run_one(
+def _run_backbone(
     store: Store,
     dataset: Dataset,
     data: str | Path | None,
     choice: BackboneChoice,
-    row: dict[str, Any],
-    decoder: str,
+    rows: Sequence[dict[str, Any]],
     *,
     holdout_fraction: float,
     seed: int,
@@ -249,8 +274,10 @@ def _run_one(
     device: str,
     progress: bool,
     force: bool,
-) -> dict[str, Any]:
-    """Build, train, predict the held-out clips from the stored features, and score them."""
+    announce: bool,
+) -> None:
+    """Build the backbone's features once; then train each row's head on them, predict the held-out clips
+    from the stored features and score them, filling in the row."""
     built = build_features(store, choice.name, data, weights=choice.weights, device=device, progress=progress,
                            force=force)
     if built.record.metadata["dataset"]["digest"] != dataset.digest():
@@ -258,36 +285,38 @@ def _run_one(
             f"{dataset.root}: the dataset's files changed while comparing (features {built.ref} hold other "
             "content); run the comparison again once the files are stable"
         )
-    trained = train_decoders(
-        store, built.ref, holdout_fraction=holdout_fraction, seed=seed, decoders=[decoder], epochs=epochs,
-        batch_size=batch_size, budget=budget, device=device, progress=progress, force=force,
-    )
-    meta = trained.record.metadata
-    clips = list(meta["val_clips"])
-    # Named apart from the whole dataset, so `featstore ls` tells the held-out subset from it.
-    held_out = dataclasses.replace(dataset.subset(clips), name=f"{dataset.name}-holdout")
-    predicted = predict_dataset(
-        store, trained.ref, held_out, features=built.ref, batch_size=batch_size, device=device, progress=progress,
-        force=force,
-    )
-    scores = evaluate(predicted.out, held_out, progress=False if not progress else None)
-    row.update(
-        mean_iou=scores.mean_iou,
-        j_mean=scores.j_mean,
-        val_mean_iou=float(meta["val_mean_iou"]),
-        nparams_backbone=int(meta["nparams_backbone"]),
-        nparams_head=int(meta["nparams_head"]),
-        nparams=int(meta["nparams"]),
-        within_budget=True,
-        featurize_fps=float(built.record.metadata["fps"]),
-        train_seconds=float(meta["train_seconds"]),
-        store_bytes=int(built.bytes),
-        features_ref=built.ref,
-        decoder_ref=trained.ref,
-        result_ref=predicted.ref,
-        cached=built.cached and trained.cached and predicted.cached,
-    )
-    return row
+    for row in rows:
+        if announce:
+            print(f"featstore compare: {choice.label} + {row['decoder']}", file=sys.stderr)
+        trained = train_decoders(
+            store, built.ref, holdout_fraction=holdout_fraction, seed=seed, decoders=[row["decoder"]], epochs=epochs,
+            batch_size=batch_size, budget=budget, device=device, progress=progress, force=force,
+        )
+        meta = trained.record.metadata
+        clips = list(meta["val_clips"])
+        # Named apart from the whole dataset, so `featstore ls` tells the held-out subset from it.
+        held_out = dataclasses.replace(dataset.subset(clips), name=f"{dataset.name}-holdout")
+        predicted = predict_dataset(
+            store, trained.ref, held_out, features=built.ref, batch_size=batch_size, device=device,
+            progress=progress, force=force,
+        )
+        scores = evaluate(predicted.out, held_out, progress=False if not progress else None)
+        row.update(
+            mean_iou=scores.mean_iou,
+            j_mean=scores.j_mean,
+            val_mean_iou=float(meta["val_mean_iou"]),
+            nparams_backbone=int(meta["nparams_backbone"]),
+            nparams_head=int(meta["nparams_head"]),
+            nparams=int(meta["nparams"]),
+            within_budget=True,
+            featurize_fps=float(built.record.metadata["fps"]),
+            train_seconds=float(meta["train_seconds"]),
+            store_bytes=int(built.bytes),
+            features_ref=built.ref,
+            decoder_ref=trained.ref,
+            result_ref=predicted.ref,
+            cached=built.cached and trained.cached and predicted.cached,
+        )
 
 
 def _temporary_sibling(path: Path) -> Path:
@@ -320,37 +349,50 @@ def _millions(value: float, _position: int) -> str:
     return f"{value / 1e6:g}M"
 
 
+# One colour per backbone (not red: the budget's, nor orange: the Pareto front's), one marker per head.
+_BACKBONE_COLOURS = ("tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:cyan", "tab:olive",
+                     "tab:gray")
+_DECODER_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+# Where a point's label may go, in points from the point, tried in order: beside it, then stepped up and
+# down, then the same on its left, until the label overlaps no other label or point and stays in the axes.
+_LABEL_OFFSETS = tuple(dict.fromkeys((side * 9, sign * step) for side in (1, -1) for step in range(0, 130, 10) for sign in (1, -1)))
+
+
 def _write_plot(
     rows: Sequence[dict[str, Any]], path: Path, dataset: str, val_clips: Sequence[str], budget: int
 ) -> None:
-    """Held-out mean IoU against total parameters (log scale), the budget line and the Pareto front."""
+    """Held-out mean IoU against total parameters (log scale), the budget line and the Pareto front.
+
+    Colour says the backbone and the marker the decoder, and each point is labelled with both.
+    """
     # The Figure API, not pyplot: no global backend switch under a caller's notebook or GUI.
+    from matplotlib.artist import Artist
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     figure = Figure(figsize=(8, 5.4), dpi=120)
+    canvas = FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    backing = {"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8}
-    scored = sorted((r for r in rows if r["mean_iou"] is not None), key=lambda r: r["nparams"])
+    backbones = list(dict.fromkeys(row_label(r) for r in rows))
+    decoders = list(dict.fromkeys(str(r["decoder"]) for r in rows))
+    colour = {b: _BACKBONE_COLOURS[i % len(_BACKBONE_COLOURS)] for i, b in enumerate(backbones)}
+    marker = {d: _DECODER_MARKERS[i % len(_DECODER_MARKERS)] for i, d in enumerate(decoders)}
+    scored = sorted((r for r in rows if r["mean_iou"] is not None), key=lambda r: (r["nparams"], -r["mean_iou"]))
+    unscored = [r for r in rows if r["mean_iou"] is None]
     front = pareto_front(rows)
-    axes.scatter([r["nparams"] for r in scored], [r["mean_iou"] for r in scored], s=36, color="tab:blue",
-                 zorder=3, label="backbone + head")
-    for r, bigger in zip(scored, [*scored[1:], None], strict=True):
-        # Right of the point, and below it when the next larger model scores higher (it sits up there).
-        below = bigger is not None and bigger["mean_iou"] >= r["mean_iou"]
-        axes.annotate(f"{row_label(r)}  {r['mean_iou']:.3f}", (r["nparams"], r["mean_iou"]),
-                      textcoords="offset points", xytext=(10, -8 if below else 8), ha="left",
-                      va="center", fontsize=8.5, bbox=backing, zorder=2.5)
+    for r in scored:
+        axes.scatter([r["nparams"]], [r["mean_iou"]], s=40, color=colour[row_label(r)],
+                     marker=marker[str(r["decoder"])], zorder=3)
     if front:
         axes.step([r["nparams"] for r in front], [r["mean_iou"] for r in front], where="post",
                   color="tab:orange", linewidth=1.5, zorder=2, label="Pareto front (best IoU for its size)")
-        axes.scatter([r["nparams"] for r in front], [r["mean_iou"] for r in front], s=110,
+        axes.scatter([r["nparams"] for r in front], [r["mean_iou"] for r in front], s=120,
                      facecolors="none", edgecolors="tab:orange", linewidths=1.5, zorder=4)
-    for r in (r for r in rows if r["mean_iou"] is None):  # not trained: marked on the bottom edge
+    for r in unscored:  # not trained: marked on the bottom edge
         axes.plot(r["nparams"], 0.0, marker="x", markersize=9, color="tab:red", clip_on=False, zorder=5,
                   transform=axes.get_xaxis_transform())
-        axes.annotate(f"{row_label(r)}: over budget", (r["nparams"], 0.0), xycoords=axes.get_xaxis_transform(),
-                      textcoords="offset points", xytext=(-6, 8), ha="right", fontsize=8.5, color="tab:red", bbox=backing)
     axes.axvline(budget, color="tab:red", linestyle="--", linewidth=1,
                  label=f"budget: {budget / 1e6:g}M parameters")
     sizes = [r["nparams"] for r in rows] + [budget]
@@ -365,11 +407,90 @@ def _write_plot(
     clips = ", ".join(val_clips) if len(val_clips) <= 4 else f"{len(val_clips)} clips"
     axes.set_title(f"{dataset}: held-out mean IoU against model size" + (f" ({clips})" if val_clips else ""))
     axes.grid(True, which="major", alpha=0.3)
-    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=8.5, frameon=False)
-    figure.tight_layout()
+    # The legend's columns: backbones by colour, decoders by marker, then the front and the budget line.
+    columns: list[list[Artist]] = [
+        [Line2D([], [], linestyle="none", marker="o", color=colour[b], label=b) for b in backbones],
+        [Line2D([], [], linestyle="none", marker=marker[d], color="0.35", label=f"{d} head") for d in decoders],
+        axes.get_legend_handles_labels()[0],
+    ]
+    height = max(len(column) for column in columns)
+    keys = [
+        key
+        for column in columns
+        for key in [*column, *(Line2D([], [], linestyle="none", label=" ") for _ in range(height - len(column)))]
+    ]
+    axes.legend(handles=keys, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=8.5, frameon=False)
+    figure.tight_layout()  # the axes' final place, so labels can be fitted around the points in it
+    _label_points(axes, canvas.get_renderer(), scored, unscored)
     scratch = _temporary_sibling(path)
     try:
         figure.savefig(scratch, format="png")
         os.replace(scratch, path)
     finally:
         scratch.unlink(missing_ok=True)
+
+
+def _label_points(axes: Any, renderer: Any, scored: Sequence[dict[str, Any]],
+                  unscored: Sequence[dict[str, Any]]) -> None:
+    """Name every point by backbone and decoder, each label placed clear of the points and other labels.
+
+    Heads on one backbone differ in size by far less than backbones do, so their points sit almost one
+    above the other: labels at a fixed offset would print over each other.
+    """
+    backing = {"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8}
+    frame = axes.get_window_extent(renderer)
+    points = axes.transData.transform([(r["nparams"], r["mean_iou"]) for r in scored]).reshape(-1, 2)
+    taken = [_box(x - 6, y - 6, x + 6, y + 6) for x, y in points]
+    stacked = tuple((-6, 8 + 12 * k) for k in range(len(unscored) + 3))  # up from the bottom edge, left of the mark
+    for r in unscored:
+        def over(dx: float, dy: float, final: bool, r: dict[str, Any] = r) -> Any:
+            return axes.annotate(f"{row_label(r)} + {r['decoder']}: over budget", (r["nparams"], 0.0),
+                                 xycoords=axes.get_xaxis_transform(), textcoords="offset points", xytext=(dx, dy),
+                                 ha="right", va="bottom", fontsize=8.5, color="tab:red",
+                                 bbox=backing if final else None)
+
+        _fit_label(renderer, frame, taken, stacked, over)
+    for r in scored:
+        def scored_label(dx: float, dy: float, final: bool, r: dict[str, Any] = r) -> Any:
+            # A label moved off its point's level gets a leader line back to the point.
+            leader = {"arrowstyle": "-", "color": "0.5", "linewidth": 0.6, "shrinkA": 0, "shrinkB": 4}
+            return axes.annotate(f"{row_label(r)} + {r['decoder']}  {r['mean_iou']:.3f}", (r["nparams"], r["mean_iou"]),
+                                 textcoords="offset points", xytext=(dx, dy), ha="left" if dx > 0 else "right",
+                                 va="center", fontsize=8.5, bbox=backing if final else None,
+                                 arrowprops=leader if final and dy else None, zorder=2.5)
+
+        _fit_label(renderer, frame, taken, _LABEL_OFFSETS, scored_label)
+
+
+def _fit_label(renderer: Any, frame: Any, taken: list[Any], offsets: Sequence[tuple[float, float]],
+               draw: Callable[[float, float, bool], Any]) -> None:
+    """Draw a label at the first offset where its text stays in ``frame`` and clear of ``taken``, and take its place.
+
+    ``draw(dx, dy, final)`` makes the label; probes (``final`` false) are measured and removed. Where no
+    offset is clear, the label goes where it stays in the frame and covers the fewest others.
+    """
+    best: tuple[tuple[bool, int], float, float, Any] | None = None
+    for dx, dy in offsets:
+        probe = draw(dx, dy, False)
+        box = probe.get_window_extent(renderer).padded(2)
+        probe.remove()
+        cost = (not _inside(box, frame), sum(box.overlaps(other) for other in taken))
+        if best is None or cost < best[0]:
+            best = (cost, dx, dy, box)
+        if cost == (False, 0):
+            break
+    assert best is not None, "at least one offset to try"
+    _, dx, dy, box = best
+    label = draw(dx, dy, True)
+    label.set_in_layout(False)  # placed inside the axes, after the layout
+    taken.append(box)
+
+
+def _box(x0: float, y0: float, x1: float, y1: float) -> Any:
+    from matplotlib.transforms import Bbox
+
+    return Bbox([[x0, y0], [x1, y1]])
+
+
+def _inside(box: Any, frame: Any) -> bool:
+    return bool(frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1)

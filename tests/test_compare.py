@@ -1,8 +1,9 @@
-"""Comparing backbones end to end: build, train, predict and score each on one clip split; csv, plot, reuse."""
+"""Comparing backbones and heads end to end: build, train, predict and score each on one clip split; csv, plot, reuse."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 from pathlib import Path
@@ -24,6 +25,7 @@ from jobs.evaluate import evaluate
 CLIPS = {"alpha": 4, "beta": 3, "gamma": 4, "delta": 3}
 SIZE = (48, 80)
 BACKBONES = ["tiny@random", "timm:resnet18@random"]
+HEADS = ("fpn", "linear")
 FAST: dict[str, Any] = {"epochs": 1, "batch_size": 4, "device": "cpu", "progress": False}
 
 
@@ -170,6 +172,124 @@ def test_bad_input_is_refused_before_any_work(tmp_path: Path, capsys: pytest.Cap
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(tmp_path / "nope") in err
     assert store.list() == []
+
+
+@pytest.fixture(scope="module")
+def compared_heads(compared: Compared) -> Compared:
+    """The same backbones with two heads each, in the store the one-head comparison already filled."""
+    result = compare_backbones(compared.store, compared.data, BACKBONES, decoders=HEADS,
+                               out_dir=compared.result.csv.parent.with_name("heads-board"), **FAST)
+    return Compared(compared.store, compared.data, result)
+
+
+def test_each_backbone_and_decoder_pair_is_its_own_row(compared: Compared, compared_heads: Compared) -> None:
+    store, rows = compared_heads.store, compared_heads.result.rows
+    assert sorted((r["backbone"], r["decoder"]) for r in rows) == sorted(
+        itertools.product(("tiny", "timm:resnet18"), HEADS))
+    assert [r["mean_iou"] for r in rows] == sorted((r["mean_iou"] for r in rows), reverse=True)
+    assert len({r["decoder_ref"] for r in rows}) == len({r["result_ref"] for r in rows}) == 4
+    for row in rows:
+        assert row["within_budget"] and not row["error"] and row["mean_iou"] is not None
+        trained = store.resolve(row["decoder_ref"], type="decoder")
+        assert trained.metadata["decoder"]["name"] == row["decoder"]
+        assert trained.metadata["nparams"] == row["nparams"] == row["nparams_backbone"] + row["nparams_head"]
+        assert row["features_ref"] in trained.parents
+        result = store.resolve(row["result_ref"], type="result")
+        assert row["decoder_ref"] in result.parents and result.metadata["source"] == "features"
+    for backbone in ("tiny", "timm:resnet18"):
+        pair = [r for r in rows if r["backbone"] == backbone]
+        assert len({r["features_ref"] for r in pair}) == 1, "one feature artifact serves every head on a backbone"
+        assert len({r["nparams_head"] for r in pair}) == 2
+    assert len(store.list("features")) == len(BACKBONES), "features are built once per backbone"
+    # The fpn rows are the one-head comparison's, reused; only the linear heads were trained and predicted.
+    alone = {r["backbone"]: r for r in compared.result.rows}
+    for row in rows:
+        if row["decoder"] == "fpn":
+            assert row["cached"] and row["result_ref"] == alone[row["backbone"]]["result_ref"]
+            assert row["mean_iou"] == alone[row["backbone"]]["mean_iou"]
+        else:
+            assert not row["cached"]
+
+
+def test_csv_has_a_row_per_backbone_and_decoder(compared_heads: Compared) -> None:
+    result = compared_heads.result
+    table = pd.read_csv(result.csv)
+    assert list(table.columns) == list(COLUMNS) and len(table) == 4
+    assert list(zip(table["backbone"], table["decoder"], strict=True)) == [
+        (r["backbone"], r["decoder"]) for r in result.rows]
+    assert table["decoder_ref"].tolist() == [r["decoder_ref"] for r in result.rows]
+    assert table["mean_iou"].tolist() == pytest.approx([r["mean_iou"] for r in result.rows])
+    with Image.open(result.plot) as image:
+        assert image.format == "PNG" and image.size[0] >= 600
+        image.load()
+    assert [line.split()[2] for line in result.leaderboard().splitlines()[1:]] == [r["decoder"] for r in result.rows]
+
+
+def test_a_second_run_of_several_heads_computes_nothing(compared_heads: Compared) -> None:
+    store = compared_heads.store
+    before = store.list()
+    csv = compared_heads.result.csv.read_text()
+    again = compare_backbones(store, compared_heads.data, BACKBONES, decoders=",".join(HEADS),
+                              out_dir=compared_heads.result.csv.parent, **FAST)
+    assert store.list() == before
+    assert len(again.rows) == 4 and all(row["cached"] for row in again.rows)
+    assert again.csv.read_text() == csv
+
+
+def test_an_over_budget_pair_is_a_row_and_its_backbone_is_not_built(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_davis(tmp_path / "clips", CLIPS, size=SIZE, seed=5)
+    store = Store(tmp_path / "store")
+    budget = 50_000  # tiny with a linear head fits; tiny with fpn, and resnet18 with any head, do not
+    result = compare_backbones(store, data, BACKBONES, decoders=HEADS, budget=budget, out_dir=tmp_path / "board",
+                               **FAST)
+    (fits,) = (r for r in result.rows if r["within_budget"])
+    assert (fits["backbone"], fits["decoder"]) == ("tiny", "linear") and fits["mean_iou"] is not None
+    assert result.rows[0] is fits, "unscored rows sort last"
+    for row in result.rows[1:]:
+        assert row["mean_iou"] is None and row["decoder_ref"] is None
+        assert f"{row['decoder']} head {row['nparams_head']:,}" in row["error"] and "50,000" in row["error"]
+    assert [r.name for r in store.list("features")] == [fits["features_ref"].split(":")[0]]
+    assert len(store.list("decoder")) == 1
+    err = capsys.readouterr().err
+    assert "timm:resnet18@random + fpn: over budget" in err and "tiny@random + fpn: over budget" in err
+    assert len(pd.read_csv(result.csv)) == 4
+
+
+def test_bad_decoder_names_are_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = Store(tmp_path / "store")
+    board = tmp_path / "board"
+    with pytest.raises(FeatstoreError, match=r"'nosuch' is unknown: use one of .*linear"):
+        compare_backbones(store, None, ["tiny@random"], decoders=["fpn", "nosuch"], out_dir=board, **FAST)
+    with pytest.raises(FeatstoreError, match="lists fpn twice"):
+        compare_backbones(store, None, ["tiny@random"], decoders="fpn,linear,fpn", out_dir=board, **FAST)
+    with pytest.raises(FeatstoreError, match="empty name"):
+        compare_backbones(store, None, ["tiny@random"], decoders=["fpn", " "], out_dir=board, **FAST)
+    assert not store.root.exists() and not board.exists(), "not even the demo dataset is written"
+
+    argv = ["compare", "--backbones", "tiny@random", "--store", str(store.root), "--out", str(board)]
+    assert main([*argv, "--decoder", "linear,nosuch"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'nosuch' is unknown" in err
+    with pytest.raises(SystemExit) as caught:
+        main([*argv, "--decoder", "fpn,fpn"])
+    assert caught.value.code == 2 and "lists fpn twice" in capsys.readouterr().err
+    assert not store.root.exists() and not board.exists()
+
+
+def test_cli_compare_takes_a_list_of_decoders(compared_heads: Compared, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["compare", "--data", str(compared_heads.data), "--backbones", ",".join(BACKBONES), "--decoder",
+            ",".join(HEADS), "--epochs", "1", "--batch-size", "4", "--device", "cpu",
+            "--store", str(compared_heads.store.root), "--out", str(tmp_path), "--quiet"]
+    assert main([*args, "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(r["backbone"], r["decoder"], r["mean_iou"], r["nparams"]) for r in payload["rows"]] == [
+        (r["backbone"], r["decoder"], r["mean_iou"], r["nparams"]) for r in compared_heads.result.rows]
+    assert all(r["cached"] for r in payload["rows"])
+    assert main(args) == 0
+    shown = capsys.readouterr().out
+    assert all(f" {decoder} " in shown for decoder in HEADS)
 
 
 @pytest.mark.slow
