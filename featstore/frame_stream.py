@@ -3,15 +3,22 @@
 On CUDA threads read the JPEG bytes and the GPU decodes them (nvJPEG through ``torchvision.io.decode_jpeg``)
 on a stream of its own; other formats, and on the CPU every frame, are decoded by PIL on worker threads,
 which releases the GIL. Only a bounded number of batches is ever in flight, whatever the dataset's size.
+
+The two decoders do not give the same pixels: nvJPEG fills subsampled chroma by repetition where libjpeg
+(PIL) interpolates, about half a grey level apart on average on DAVIS frames and a few percent apart in
+the features. So the decoder is part of what a feature artifact records (``with_jpeg_decoder``), and a
+backbone run for a decoder decodes as its training features did.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +26,33 @@ import torchvision.io
 
 from featstore.datasets import FrameRecord, read_frame, read_mask
 from featstore.errors import DatasetError
+
+# The preprocessing entry of features whose JPEGs nvJPEG decoded; features without it were decoded by PIL.
+JPEG_DECODER = "jpeg_decoder"
+NVJPEG = "nvjpeg"
+_JPEG_END = b"\xff\xd9"
+
+
+def with_jpeg_decoder(preprocessing: dict[str, Any], on_gpu: bool) -> dict[str, Any]:
+    """A backbone's preprocessing plus how JPEGs are decoded; PIL's decoding adds nothing, keeping its keys."""
+    return {**preprocessing, JPEG_DECODER: NVJPEG} if on_gpu else dict(preprocessing)
+
+
+def decodes_on_gpu(preprocessing: dict[str, Any]) -> bool:
+    """Whether features with this recorded preprocessing had their JPEGs decoded by nvJPEG."""
+    return preprocessing.get(JPEG_DECODER) == NVJPEG
+
+
+def backbone_preprocessing(preprocessing: dict[str, Any]) -> dict[str, Any]:
+    """The recorded preprocessing without the decoder: what the backbone itself does to a frame."""
+    return {k: v for k, v in preprocessing.items() if k != JPEG_DECODER}
+
+
+def _complete(encoded: torch.Tensor) -> bool:
+    """Whether JPEG bytes end in the end-of-image marker: nvJPEG may decode a truncated file to garbage
+    without an error, where PIL names it."""
+    tail = bytes(encoded[-64:].tolist()).rstrip(b"\0")
+    return tail.endswith(_JPEG_END)
 
 
 @dataclass
@@ -98,6 +132,8 @@ class FrameStream:
         # never waits for that stream: memory the backbone freed, with kernels still queued on it, could be
         # overwritten. Decoding with a dedicated stream current gives the outputs memory of their own.
         self._decode_stream = torch.cuda.Stream(device) if self.decode_on_device and device.type == "cuda" else None
+        # JPEGs PIL decoded although this stream decodes on the device, with the reason: said once on stderr.
+        self.fallbacks: list[tuple[str, str]] = []
 
     def _decode_batch(self, pool: ThreadPoolExecutor, batch: list[FrameRecord]) -> _Pending:
         frames = [
@@ -116,21 +152,50 @@ class FrameStream:
     def _decode_jpegs(self, records: list[FrameRecord], encoded: list[torch.Tensor]) -> list[torch.Tensor]:
         """The JPEGs of a batch decoded in one call on the device, as RGB whatever their colour model.
 
-        A file nvJPEG refuses is decoded by PIL instead, which names the file if it is broken.
+        Files nvJPEG cannot take (truncated, or a colour model it refuses) are decoded by PIL instead,
+        which names a broken file; the first such file is reported on stderr.
         """
-        mode = torchvision.io.ImageReadMode.RGB
+        whole = [i for i, data in enumerate(encoded) if _complete(data)]
+        for i in range(len(records)):
+            if i not in whole:
+                self._fell_back(records[i], "it does not end in a JPEG end-of-image marker")
+        images: list[torch.Tensor | None] = [None] * len(records)
         try:
-            if self._decode_stream is None:
-                return list(torchvision.io.decode_jpeg(encoded, mode=mode, device=self.device))
-            with torch.cuda.stream(self._decode_stream):
-                images = list(torchvision.io.decode_jpeg(encoded, mode=mode, device=self.device))
-        except RuntimeError:
-            return [self._on_device(_load_cpu(r)) for r in records]
+            decoded = self._nvjpeg([encoded[i] for i in whole])
+            for i, image in zip(whole, decoded, strict=True):
+                images[i] = image
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:  # one file spoils the batch call: find which, one at a time
+            for i in whole:
+                try:
+                    images[i] = self._nvjpeg([encoded[i]])[0]
+                except torch.OutOfMemoryError:
+                    raise
+                except RuntimeError as exc:
+                    self._fell_back(records[i], str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return [image if image is not None else self._on_device(_load_cpu(r))
+                for r, image in zip(records, images, strict=True)]
+
+    def _nvjpeg(self, encoded: list[torch.Tensor]) -> list[torch.Tensor]:
+        mode = torchvision.io.ImageReadMode.RGB
+        if not encoded:
+            return []
+        if self._decode_stream is None:
+            return list(torchvision.io.decode_jpeg(encoded, mode=mode, device=self.device))
+        with torch.cuda.stream(self._decode_stream):
+            images = list(torchvision.io.decode_jpeg(encoded, mode=mode, device=self.device))
         consumer = torch.cuda.current_stream(self.device)
         consumer.wait_stream(self._decode_stream)
         for image in images:
             image.record_stream(consumer)
         return images
+
+    def _fell_back(self, record: FrameRecord, reason: str) -> None:
+        if not self.fallbacks:
+            print(f"featstore: warning: decoding {record.raw} with PIL, not on {self.device}: {reason}; such "
+                  "frames differ slightly from device-decoded ones", file=sys.stderr)
+        self.fallbacks.append((str(record.raw), reason))
 
     def _images(self, pending: _Pending) -> list[torch.Tensor]:
         loaded = [f.result() for f in pending.frames]
@@ -162,7 +227,13 @@ class FrameStream:
         for records, group in groups:
             # PIL decodes interleaved (H, W, 3): stacking is a plain copy and the permuted view is already
             # the channels-last batch the backbone runs on, so no transposing copy is made.
-            pixels = torch.stack(group) if self.decode_on_device else torch.stack(group).permute(0, 3, 1, 2)
+            if self.decode_on_device:
+                pixels = torch.stack(group)
+            else:
+                stacked = torch.stack(group)
+                if self.device.type == "cuda":  # PIL's frames for a GPU that does not decode them
+                    stacked = stacked.pin_memory().to(self.device, non_blocking=True)
+                pixels = stacked.permute(0, 3, 1, 2)
             masks = None
             if masks_by_record is not None:
                 size = (int(pixels.shape[2]), int(pixels.shape[3]))

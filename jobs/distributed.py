@@ -21,6 +21,7 @@ from featstore.backbones import FeatureExtractor, create_backbone
 from featstore.datasets import Dataset
 from featstore.errors import FeatstoreError
 from featstore.features import parse_dtype
+from featstore.frame_stream import decodes_on_gpu
 
 TASK_RETRIES = 2
 
@@ -36,6 +37,7 @@ class ClipTask:
     dtype: str
     weights_digest: str
     device: str
+    gpu_decode: bool
     batch_size: int
     dataset: Dataset
     clip: str
@@ -89,6 +91,7 @@ def featurize_clip_task(task: ClipTask) -> int:
         dtype=task.dtype,
         batch_size=task.batch_size,
         progress=False,
+        gpu_decode=task.gpu_decode,
     )
 
 
@@ -180,6 +183,7 @@ def featurize_on_dask(
                 dtype=plan.dtype,
                 weights_digest=plan.weights_digest,
                 device=device,
+                gpu_decode=decodes_on_gpu(plan.preprocessing),
                 batch_size=batch_size,
                 dataset=plan.dataset.subset([clip]),
                 clip=clip,

@@ -30,7 +30,7 @@ from featstore.backbones import FeatureExtractor, create_backbone
 from featstore.datasets import Dataset, FrameRecord, load_dataset
 from featstore.errors import FeatstoreError, StoreError
 from featstore.features import GROUP_DIR, ClipArrays, open_group, parse_dtype, to_storage
-from featstore.frame_stream import FrameBatch, FrameStream
+from featstore.frame_stream import FrameBatch, FrameStream, decodes_on_gpu, with_jpeg_decoder
 from featstore.store import (
     ArtifactRecord,
     Staging,
@@ -68,13 +68,18 @@ def resolve_device(device: str) -> torch.device:
     """
     resolved = parse_device(device)
     if resolved is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise FeatstoreError(f"--device {device} asks for CUDA but torch sees no GPU: use --device cpu or auto")
-    if resolved.type == "cuda" and resolved.index is not None:
-        if resolved.index >= torch.cuda.device_count():
-            raise FeatstoreError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible")
-        torch.cuda.set_device(resolved)
+    if resolved.type != "cuda":
+        return resolved
+    if resolved.index is None:
+        # Always with its index: torchvision keeps one nvJPEG decoder per device spelling and rebuilds
+        # it, leaking the old one, whenever "cuda" and "cuda:0" alternate.
+        return torch.device("cuda", torch.cuda.current_device())
+    if resolved.index >= torch.cuda.device_count():
+        raise FeatstoreError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible")
+    torch.cuda.set_device(resolved)
     return resolved
 
 
@@ -151,12 +156,16 @@ def prepare_build(
     layers: Sequence[str] | None = None,
     dtype: str = "float16",
     seed: int = 0,
+    gpu_decode: bool = False,
 ) -> tuple[BuildPlan, FeatureExtractor]:
-    """Validate every input and derive the content key; nothing is written when anything is wrong."""
+    """Validate every input and derive the content key; nothing is written when anything is wrong.
+
+    ``gpu_decode``: JPEGs are decoded by nvJPEG, whose pixels differ from PIL's, so it is in the key.
+    """
     parse_dtype(dtype)
     dataset = load_dataset(data, demo_root=store.root / "demo")
     extractor = create_backbone(backbone, weights=weights, layers=layers, seed=seed, dtype=parse_dtype(dtype))
-    preprocessing = extractor.preprocessing()
+    preprocessing = with_jpeg_decoder(extractor.preprocessing(), gpu_decode)
     key = canonical_hash(
         {
             "dataset": dataset.digest(),
@@ -263,9 +272,10 @@ class HostCopy:
     def __init__(self, outputs: dict[str, torch.Tensor]) -> None:
         self.values = {layer: v.to("cpu", non_blocking=True) for layer, v in outputs.items()}
         self.ready: torch.cuda.Event | None = None
-        if any(v.is_cuda for v in outputs.values()):
+        on_gpu = [v.device for v in outputs.values() if v.is_cuda]
+        if on_gpu:
             self.ready = torch.cuda.Event(blocking=True)  # the waiting thread sleeps instead of spinning a core
-            self.ready.record()
+            self.ready.record(torch.cuda.current_stream(on_gpu[0]))  # the copies' stream, whichever GPU is current
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The features as numpy arrays, once the copy has finished."""
@@ -380,6 +390,7 @@ def featurize_clips(
     batch_size: int,
     progress: bool = True,
     clock: StageClock | None = None,
+    gpu_decode: bool = False,
 ) -> int:
     """Compute and write the arrays of ``clips``; mark each clip done once all its chunks are on disk.
 
@@ -393,7 +404,9 @@ def featurize_clips(
     if not records:
         return 0
     device = next(iter(extractor.parameters()), torch.empty(0)).device
-    stream = FrameStream(records, batch_size, device, with_masks=dataset.has_annotations)
+    if gpu_decode and device.type != "cuda":
+        raise FeatstoreError(f"these features decode JPEGs with nvJPEG, which needs a GPU; the backbone is on {device}")
+    stream = FrameStream(records, batch_size, device, with_masks=dataset.has_annotations, decode_on_device=gpu_decode)
     threads = min(8, max(2, (os.cpu_count() or 2) // 2))
     bar = tqdm(total=len(records), unit="frame", desc="featurize", disable=not progress, file=sys.stderr)
     def hand_over(batch: FrameBatch, copy: HostCopy) -> None:
@@ -568,7 +581,11 @@ def build_features(
         from jobs.distributed import local_workers  # dask loads only for distributed builds
 
         local_workers(scheduler)
-    plan, extractor = prepare_build(store, backbone, data, weights=weights, layers=layers, dtype=dtype, seed=seed)
+    # JPEGs are decoded on the GPU when the build runs on one; on a cluster only when --device names CUDA,
+    # since the client cannot know what its workers have and every clip of an artifact must decode alike.
+    on_gpu = chosen is not None and chosen.type == "cuda"
+    plan, extractor = prepare_build(store, backbone, data, weights=weights, layers=layers, dtype=dtype, seed=seed,
+                                    gpu_decode=on_gpu)
     masked = sum(record.annotation is not None for record in plan.dataset.frames)
     if progress and 0 < masked < len(plan.dataset.frames):
         print(f"featstore: {masked} of {len(plan.dataset.frames)} frames have masks; features are stored without "
@@ -667,6 +684,7 @@ def _build_uncached(
             frames = featurize_clips(
                 extractor, plan.dataset, todo, group_path, staging.scratch,
                 dtype=dtype, batch_size=batch_size, progress=progress, clock=clock,
+                gpu_decode=decodes_on_gpu(plan.preprocessing),
             )
         elapsed = time.perf_counter() - started
         fps = frames / elapsed if frames and elapsed > 0 else 0.0

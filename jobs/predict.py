@@ -33,7 +33,7 @@ from featstore.backbones import FeatureExtractor, create_backbone
 from featstore.datasets import Dataset, FrameRecord, load_dataset
 from featstore.errors import BackboneError, DatasetError, FeatstoreError, StoreError
 from featstore.features import FeatureArtifact, open_features, parse_dtype
-from featstore.frame_stream import FrameStream
+from featstore.frame_stream import JPEG_DECODER, NVJPEG, FrameStream, backbone_preprocessing, decodes_on_gpu
 from featstore.metrics import probability_to_u8
 from featstore.results import METADATA_FILE, OUTPUTS_DIR, PATHS_FILE, write_result_folder
 from featstore.store import ArtifactRecord, Store, canonical_hash, hidden_sibling, recompute_hint
@@ -123,12 +123,16 @@ def predict_dataset(
     else:
         artifact = find_features(store, dataset, decoder_record)
     source = SOURCE_FEATURES if artifact is not None else SOURCE_BACKBONE
+    gpu_decode = source == SOURCE_BACKBONE and _decode_as_trained(decoder_record, torch_device)
+    trained_on_nvjpeg = decodes_on_gpu(decoder_record.metadata.get("preprocessing") or {})
     key = canonical_hash(
         {
             "decoder": decoder_record.key,
             "dataset": dataset.digest(),
             "source": source,
             "features": artifact.record.key if artifact is not None else None,
+            # Frames PIL decodes for an nvJPEG-trained decoder are other pixels: another result.
+            **({JPEG_DECODER: NVJPEG if gpu_decode else "pil"} if source == SOURCE_BACKBONE and trained_on_nvjpeg else {}),
         }
     )
     name = result_artifact_name(dataset, decoder_record)
@@ -145,13 +149,28 @@ def predict_dataset(
             store.require_intact(record)
         else:
             record = _predict_uncached(store, name, key, decoder_record, dataset, artifact, torch_device,
-                                       batch_size=batch_size, progress=progress, fresh=force)
+                                       batch_size=batch_size, progress=progress, fresh=force, gpu_decode=gpu_decode)
         job.log(record)
         job.log_metrics({"frames": record.metadata["frames"], "fps": record.metadata["fps"], "cached": cached})
     folder = store.path(record)
     if out_dir is not None:
         _copy_result(folder, out_dir)
     return PredictResult(record, out_dir if out_dir is not None else folder, cached)
+
+
+def _decode_as_trained(decoder: ArtifactRecord, device: torch.device) -> bool:
+    """Whether to decode JPEGs on the GPU when running the backbone: as the decoder's features were.
+
+    Features decoded by nvJPEG need a GPU to be matched; on the CPU, PIL decodes instead and says so.
+    """
+    if not decodes_on_gpu(decoder.metadata.get("preprocessing") or {}):
+        return False
+    if device.type == "cuda":
+        return True
+    print(f"featstore: warning: decoder {decoder.ref} was trained on features of JPEGs decoded by nvJPEG on "
+          f"a GPU; on {device} PIL decodes them, whose pixels differ slightly: predict with --device cuda to "
+          "decode as in training", file=sys.stderr)
+    return False
 
 
 def find_features(store: Store, dataset: Dataset, decoder: ArtifactRecord) -> FeatureArtifact | None:
@@ -230,6 +249,7 @@ def _predict_uncached(
     batch_size: int,
     progress: bool,
     fresh: bool,
+    gpu_decode: bool,
 ) -> ArtifactRecord:
     decoder, _ = load_decoder(store, decoder_record.ref, device)
     extractor = None if artifact is not None else _rebuild_backbone(decoder_record, device)
@@ -269,7 +289,7 @@ def _predict_uncached(
             return staging.committed
         started = time.perf_counter()
         bar = tqdm(total=len(dataset.frames), unit="frame", desc="predict", disable=not progress, file=sys.stderr)
-        predictions = _predictions(decoder, dataset, artifact, extractor, device, batch_size, bar)
+        predictions = _predictions(decoder, dataset, artifact, extractor, device, batch_size, bar, gpu_decode)
         # Interrupted attempts may have left a finished folder in the staging area: replace it.
         write_result_folder(staging.path, predictions, metadata, overwrite=True)
         bar.close()
@@ -301,7 +321,7 @@ def _rebuild_backbone(decoder: ArtifactRecord, device: torch.device) -> FeatureE
             f"but decoder {decoder.ref} was trained on features of weights {meta['weights_digest'][:12]}...: "
             "restore the weights it was trained with, or train a decoder on features of these weights"
         )
-    if extractor.preprocessing() != meta["preprocessing"]:
+    if extractor.preprocessing() != backbone_preprocessing(meta["preprocessing"]):
         raise BackboneError(
             f"the {backbone['name']} preprocessing differs from the one decoder {decoder.ref} was trained with: "
             "train a decoder on features built with this featstore version"
@@ -317,6 +337,7 @@ def _predictions(
     device: torch.device,
     batch_size: int,
     bar: tqdm,
+    gpu_decode: bool,
 ) -> Iterator[tuple[int, npt.NDArray[np.uint8]]]:
     """(row, uint8 mask) for every frame of the dataset, one clip's features on the device at a time."""
     for clip, records in dataset.clips().items():
@@ -328,7 +349,7 @@ def _predictions(
             rows = artifact.rows(clip)
         else:
             assert extractor is not None
-            data = _clip_features(extractor, clip, records, device, batch_size)
+            data = _clip_features(extractor, clip, records, device, batch_size, gpu_decode)
             rows = [r.row for r in records]
         for index, probabilities in _probabilities(decoder, data, batch_size):
             values = probability_to_u8(probabilities).cpu().numpy()
@@ -371,12 +392,17 @@ def _probabilities(
 
 
 def _clip_features(
-    extractor: FeatureExtractor, clip: str, records: Sequence[FrameRecord], device: torch.device, batch_size: int
+    extractor: FeatureExtractor,
+    clip: str,
+    records: Sequence[FrameRecord],
+    device: torch.device,
+    batch_size: int,
+    gpu_decode: bool,
 ) -> DeviceFeatures:
     """Run the backbone on one clip's frames, in batches, keeping the clip's features on the device."""
     per_layer: dict[str, list[torch.Tensor]] = {layer: [] for layer in extractor.layers}
     sizes: set[tuple[int, int]] = set()
-    for batch in FrameStream(records, batch_size, device, with_masks=False):
+    for batch in FrameStream(records, batch_size, device, with_masks=False, decode_on_device=gpu_decode):
         sizes.add((int(batch.pixels.shape[2]), int(batch.pixels.shape[3])))
         n = batch.pixels.shape[0]
         pixels = batch.pixels.repeat(2, 1, 1, 1) if n == 1 else batch.pixels  # see _padded

@@ -16,11 +16,14 @@ from featstore.cli import main
 from featstore.datasets import load_dataset, read_frame
 from featstore.errors import DatasetError, FeatstoreError, StoreError
 from featstore.features import open_features
+from featstore.frame_stream import FrameStream, backbone_preprocessing, decodes_on_gpu
 from featstore.store import Store
 from jobs.featurize import (
     BuildResult,
     build_features,
+    featurize_clips,
     finished_clips,
+    prepare_build,
     resolve_device,
 )
 
@@ -263,9 +266,27 @@ def test_a_new_extraction_version_rebuilds(tmp_path: Path, small_davis: Path, mo
     assert not second.cached and second.record.key != first.record.key
 
 
+def test_jpeg_decoding_on_the_gpu_is_part_of_the_key(tmp_path: Path, small_davis: Path) -> None:
+    """nvJPEG's pixels differ from PIL's, so features it decoded are another artifact, recorded as such."""
+    store = Store(tmp_path / "store")
+    on_cpu, _ = prepare_build(store, "tiny", small_davis, weights="random")
+    on_gpu, extractor = prepare_build(store, "tiny", small_davis, weights="random", gpu_decode=True)
+    assert on_cpu.key != on_gpu.key and on_cpu.name == on_gpu.name
+    assert not decodes_on_gpu(on_cpu.preprocessing) and decodes_on_gpu(on_gpu.preprocessing)
+    assert on_cpu.preprocessing == extractor.preprocessing()  # PIL-decoded builds keep their keys
+    assert backbone_preprocessing(on_gpu.preprocessing) == extractor.preprocessing()
+    group, scratch = tmp_path / "group", tmp_path / "scratch"
+    scratch.mkdir()
+    with pytest.raises(FeatstoreError, match="nvJPEG, which needs a GPU"):
+        featurize_clips(extractor, on_gpu.dataset, ["alpha"], group, scratch, dtype="float16", batch_size=4,
+                        progress=False, gpu_decode=True)
+    assert not group.exists()
+
+
 @pytest.mark.gpu
-def test_cuda_build_matches_the_cpu_build(tmp_path: Path, small_davis: Path) -> None:
-    """nvJPEG decoding, half-precision autocast and the asynchronous copy to the host give the CPU's features."""
+def test_cuda_build_stores_the_features_of_its_decoded_frames(tmp_path: Path, small_davis: Path) -> None:
+    """nvJPEG decoding, half-precision autocast and the asynchronous copy to the host give the features that
+    the CPU computes from the same decoded pixels; the artifact says nvJPEG decoded them."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     cpu_store, gpu_store = Store(tmp_path / "cpu"), Store(tmp_path / "gpu")
@@ -273,15 +294,23 @@ def test_cuda_build_matches_the_cpu_build(tmp_path: Path, small_davis: Path) -> 
                             progress=False)
     on_gpu = build_features(gpu_store, "tiny", small_davis, weights="random", batch_size=4, device="cuda",
                             progress=False)
-    assert on_gpu.ref == on_cpu.ref and on_gpu.frames == on_cpu.frames == 12
-    expected, got = open_features(cpu_store, on_cpu.ref), open_features(gpu_store, on_gpu.ref)
+    assert on_gpu.frames == on_cpu.frames == 12 and on_gpu.record.key != on_cpu.record.key
+    assert decodes_on_gpu(on_gpu.record.metadata["preprocessing"])
+    got = open_features(gpu_store, on_gpu.ref)
     assert gpu_store.verify(got.record) == []
-    for clip in expected.clips:
-        torch.testing.assert_close(got.read_masks(clip), expected.read_masks(clip), rtol=0, atol=0)
-        for layer in expected.layers:
-            want, have = expected.read(clip, layer).float(), got.read(clip, layer).float()
-            assert have.shape == want.shape
-            assert float((have - want).norm() / want.norm()) < 5e-2, (clip, layer)
+    reference = create_backbone("tiny", weights="random", dtype=torch.float16).eval()
+    dataset = load_dataset(small_davis)
+    for clip, records in dataset.clips().items():
+        torch.testing.assert_close(got.read_masks(clip), open_features(cpu_store, on_cpu.ref).read_masks(clip),
+                                   rtol=0, atol=0)
+        stream = FrameStream(records, 4, torch.device("cuda"), with_masks=False)
+        pixels = torch.cat([batch.pixels.cpu() for batch in stream])
+        assert stream.fallbacks == []
+        want = reference.extract(pixels)
+        for layer in got.layers:
+            have = got.read(clip, layer).float()
+            assert have.shape == want[layer].shape
+            assert float((have - want[layer].float()).norm() / want[layer].float().norm()) < 5e-2, (clip, layer)
 
 
 @pytest.mark.parametrize("device", ["gpu", "mps", "cuda:x"])

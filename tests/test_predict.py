@@ -16,11 +16,12 @@ from featstore.backbones import create_backbone
 from featstore.cli import main
 from featstore.datasets import Dataset, load_dataset
 from featstore.errors import BackboneError, DatasetError, FeatstoreError, StoreError
+from featstore.frame_stream import with_jpeg_decoder
 from featstore.results import read_result_folder
 from featstore.store import Store
 from jobs.evaluate import evaluate
 from jobs.featurize import build_features
-from jobs.predict import PredictResult, predict_dataset
+from jobs.predict import PredictResult, _decode_as_trained, _rebuild_backbone, predict_dataset
 from jobs.train import train_decoders
 
 CLIPS = {"alpha": 5, "beta": 4, "gamma": 5, "delta": 4}
@@ -282,3 +283,21 @@ def test_a_damaged_result_says_how_to_recompute_it_and_force_does(trained: Train
     assert png_bytes(forced) == kept, "the same inputs give the same PNGs, the lost one included"
     again = predict_dataset(store, decoder_ref, folder, device="cpu", progress=False)
     assert again.cached and again.ref == forced.ref
+
+
+def test_a_decoder_trained_on_nvjpeg_features_decodes_as_it_was_trained(
+    trained: Trained, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Run for such a decoder, the backbone gets nvJPEG's pixels on a GPU, and PIL's on the CPU, with a warning."""
+    record = trained.store.resolve(trained.decoders["fpn"], type="decoder")
+    assert not _decode_as_trained(record, torch.device("cuda")), "PIL-decoded features: PIL decodes, even on a GPU"
+    meta = record.metadata
+    on_gpu = dataclasses.replace(
+        record, metadata={**meta, "preprocessing": with_jpeg_decoder(meta["preprocessing"], on_gpu=True)}
+    )
+    assert _decode_as_trained(on_gpu, torch.device("cuda"))
+    assert capsys.readouterr().err == ""
+    assert not _decode_as_trained(on_gpu, torch.device("cpu"))
+    assert f"decoder {record.ref} was trained on features of JPEGs decoded by nvJPEG" in capsys.readouterr().err
+    # The backbone itself is the one the decoder was trained on, whichever decoder made its pixels.
+    assert _rebuild_backbone(on_gpu, torch.device("cpu")).weights_digest == meta["weights_digest"]
