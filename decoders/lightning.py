@@ -205,12 +205,21 @@ class HeadModule(pl.LightningModule):
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        """Exact BatchNorm statistics over the training frames before scoring, as ``train_heads`` does."""
+        """Exact BatchNorm statistics over the training frames before scoring, as ``train_heads`` does.
+
+        In the trainer's precision, the one ``training_step`` and ``validation_step`` run in: Lightning
+        enters it around the steps, not around this hook.
+        """
         self._val_terms = []
         data = getattr(self.trainer, "datamodule", None)
         fitting = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
         if fitting and isinstance(data, FeatureDataModule) and data.train_features is not None:
-            recalibrate_batchnorm(self.head, data.train_features, batch_size=data.batch_size)
+            recalibrate_batchnorm(
+                self.head,
+                data.train_features,
+                batch_size=data.batch_size,
+                autocast=self.trainer.precision_plugin.forward_context,
+            )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         prob = torch.sigmoid(self._logits(batch).float()).squeeze(1)

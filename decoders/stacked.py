@@ -5,8 +5,11 @@ same kernels on the same batch; stacking their weights along a leading head dime
 forward over it with ``torch.func.vmap`` turns K launch sequences per step into one, for GPUs, where small
 heads wait on launches. On the CPU there is nothing to save that way, and vmap's grouped convolutions run
 slower than K plain ones. Head i's forward, loss gradient and AdamW update equal what it would get alone,
-in float32: autocast does not reach the mapped convolutions, so where a single head runs under bfloat16
-autocast on CUDA, a stacked one runs in float32 (TF32 convolutions).
+in float32: the mapped forward runs with autocast turned off, so where a single head runs under bfloat16
+autocast on CUDA, a stacked one runs in float32 (TF32 convolutions). Autocast left on would reach the
+mapped convolutions on CUDA but not on the CPU: vmap rewrites ``conv2d`` as ``aten::convolution``, which
+CUDA's autocast casts to bfloat16 and the CPU's does not, so a stacked group would compute in a different
+precision on each device.
 """
 
 from __future__ import annotations
@@ -85,9 +88,10 @@ class StackedHeads:
         Without ``out_size``, the heads' ``coarse_logits`` ``(K, N, 1, h, w)``, as ``Decoder.forward`` does.
         """
         size = None if out_size is None else (int(out_size[0]), int(out_size[1]))
-        # Cast here, not in the head: autocast does not reach every op under vmap (on the CPU it reaches
-        # none), so stored half-precision features would meet float32 weights inside the mapped forward.
-        dtype = next(iter(self.params.values())).dtype
+        # The heads' own dtype, once for all K heads: stored half-precision features would otherwise meet
+        # float32 weights inside the mapped forward, which runs outside autocast.
+        first = next(iter(self.params.values()))
+        dtype = first.dtype
         used = set(self.heads[0].layers)
         features = {layer: x.to(dtype) if layer in used else x for layer, x in features.items()}
         if self.training:
@@ -100,7 +104,9 @@ class StackedHeads:
         def one_head(params: dict[str, Tensor], buffers: dict[str, Tensor], x: dict[str, Tensor]) -> Any:
             return functional_call(template, (params, buffers), (x, size))
 
-        out: Tensor = vmap(one_head, in_dims=(0, 0, None))(self.params, buffers, features)
+        # In the weights' dtype on every device, whatever autocast the caller runs under (module docstring).
+        with torch.autocast(device_type=first.device.type, enabled=False):
+            out: Tensor = vmap(one_head, in_dims=(0, 0, None))(self.params, buffers, features)
         return out
 
     __call__ = forward

@@ -3,7 +3,8 @@
 Every head sees the same batches in the same order (one seeded permutation per epoch) and has its own
 AdamW state, so K heads cost one pass of batch gathering, and head i trained in a grid ends where it
 would end trained alone with the same seed (dinov2's linear evaluation, for segmentation heads). Heads
-of one architecture can step as one vmapped computation (``decoders.stacked``), with the same updates.
+of one architecture can step as one vmapped computation (``decoders.stacked``), with the updates each
+would get alone in float32.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,12 +163,20 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(head: Decoder, data: DeviceFeatures, *, batch_size: int) -> None:
+def recalibrate_batchnorm(
+    head: Decoder,
+    data: DeviceFeatures,
+    *,
+    batch_size: int,
+    autocast: Callable[[], AbstractContextManager[Any]] | None = None,
+) -> None:
     """Recompute BatchNorm statistics for the final weights with one pass over ``data``.
 
     Running averages lag behind the weights (badly after few steps); an exact average over the training
     frames makes evaluation match what training saw. torch.optim.swa_utils.update_bn does this for models
-    of one argument; heads take two.
+    of one argument; heads take two. ``autocast`` is the precision the head is evaluated in, so the
+    statistics come from the activations evaluation normalizes: by default ``autocast_for``, as
+    ``evaluate`` runs.
     """
     norms = [m for m in head.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
@@ -179,7 +188,7 @@ def recalibrate_batchnorm(head: Decoder, data: DeviceFeatures, *, batch_size: in
     was_training = head.training
     head.train()
     for index in data.batches(batch_size, shuffle=False):
-        with autocast_for(data.device):
+        with autocast() if autocast is not None else autocast_for(data.device):
             head.coarse_logits(data.gather(index, head.temporal_window))  # the resize has no statistics
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
@@ -190,34 +199,38 @@ class HeadClock:
     """Time spent in each stepper's steps (a head, or a stacked group of heads), without stalling the GPU.
 
     Synchronizing after every step would keep the host from queueing the next stepper's kernels while
-    the GPU runs this one; on CUDA each step is bracketed by events instead, read once at the end.
+    the GPU runs this one; on CUDA each step is bracketed by events instead, read once at the end. The
+    events go on ``device``'s current stream, where the steps' kernels run, not on the current device's:
+    a caller may train on ``cuda:1`` without making it the current device.
     """
 
     def __init__(self, steppers: int, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
+        self.device = device
         self.totals = [0.0] * steppers
         self.started = [0.0] * steppers
         self.events: list[list[tuple[Any, Any]]] = [[] for _ in range(steppers)]
 
+    def _record(self) -> Any:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
     def start(self, stepper: int) -> None:
         if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.events[stepper].append((event, None))
+            self.events[stepper].append((self._record(), None))
         else:
             self.started[stepper] = time.perf_counter()
 
     def stop(self, stepper: int) -> None:
         if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.events[stepper][-1] = (self.events[stepper][-1][0], event)
+            self.events[stepper][-1] = (self.events[stepper][-1][0], self._record())
         else:
             self.totals[stepper] += time.perf_counter() - self.started[stepper]
 
     def seconds(self) -> list[float]:
         if self.cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
             for stepper, pairs in enumerate(self.events):
                 self.totals[stepper] += sum(begin.elapsed_time(end) for begin, end in pairs) / 1000.0
                 pairs.clear()
@@ -276,9 +289,12 @@ class StackedGroup:
         self.steps = 0
 
     def step(self, features: dict[str, Tensor], gathered: int, masks: Tensor) -> Tensor:
-        """One AdamW step of every head on a batch; returns the heads' losses."""
-        with autocast_for(masks.device):
-            coarse = self.stack(window_view(features, gathered, self.stack.temporal_window))
+        """One AdamW step of every head on a batch, in float32 on every device; returns the heads' losses.
+
+        No autocast here: ``StackedHeads`` runs its mapped forward outside autocast, and the loss computes
+        in float32 either way.
+        """
+        coarse = self.stack(window_view(features, gathered, self.stack.temporal_window))
         losses = segmentation_losses(coarse, masks)
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()  # heads share no weights: each gets exactly its own loss's gradient
@@ -331,7 +347,9 @@ def train_heads(
 
     With ``stack`` (the default on CUDA), heads of one architecture step as one vmapped computation, one
     launch sequence for all of them; on the CPU they step one after another, which measured faster there
-    (vmap turns their convolutions into grouped ones). Both give each head the same updates.
+    (vmap turns their convolutions into grouped ones). On the CPU both give each head the same updates, in
+    float32. On CUDA a stacked group still computes in float32 while a head stepped alone runs under
+    bfloat16 autocast, so the two end close but not equal; scoring runs under the same autocast for both.
     """
     if not configs:
         raise FeatstoreError("train_heads needs at least one head config")

@@ -14,10 +14,11 @@ from decoders.lightning import FeatureDataModule, HeadModule
 from featstore.errors import FeatstoreError
 
 
-def _trainer(epochs: int = 1) -> pl.Trainer:
+def _trainer(epochs: int = 1, precision: str = "32-true") -> pl.Trainer:
     return pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
+        precision=precision,  # type: ignore[arg-type]
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -54,6 +55,28 @@ def test_trainer_runs_end_to_end_and_logs_val_iou() -> None:
     )
     # The logged number is the contest rule as train_heads applies it.
     assert val_iou == pytest.approx(evaluate(module.head, val).mean_iou, abs=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_batchnorm_is_recalibrated_in_the_trainers_precision(precision: str) -> None:
+    """The statistics come from the activations that training and validation steps compute."""
+    train = synthetic_features({"a": 8, "b": 8}, seed=15)
+    val = synthetic_features({"v": 6}, seed=16)
+    module = HeadModule.for_features(HeadConfig("fpn", options={"width": 8, "norm": "batch"}), train)
+    norm = next(m for m in module.head.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen: dict[str, set[bool]] = {"step": set(), "recalibration": set()}
+
+    def watch(*args: object) -> None:
+        # Training steps need gradients and validation runs in eval mode: the rest is the recalibration.
+        kind = "recalibration" if module.head.training and not torch.is_grad_enabled() else "step"
+        seen[kind].add(torch.is_autocast_enabled("cpu"))
+
+    norm.register_forward_pre_hook(watch)
+    _trainer(precision=precision).fit(
+        module, datamodule=FeatureDataModule(train=train, val=val, batch_size=4)
+    )
+    mixed = precision == "bf16-mixed"
+    assert seen == {"step": {mixed}, "recalibration": {mixed}}
 
 
 def test_loaders_yield_indices_that_become_device_features() -> None:

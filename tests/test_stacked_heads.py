@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from decoders import create_decoder, segmentation_loss
 from decoders.heads import Decoder
@@ -86,6 +88,72 @@ def test_stacked_forward_runs_under_autocast_on_half_features(name: str, options
     torch.testing.assert_close(logits, own.float(), rtol=0.05, atol=0.05)
     segmentation_losses(logits, masks).sum().backward()
     assert all(p.grad is not None for p in stacked.parameters())
+
+
+def test_the_mapped_forward_runs_outside_the_callers_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
+    heads = make_heads("fpn", {"width": 8, "norm": "batch"})
+    features, _ = make_batch(heads[0], seed=0)
+    stacked = StackedHeads(heads)
+    seen: list[bool] = []
+    own_forward = type(heads[0]).coarse_logits
+
+    def watched(self: Decoder, features: dict[str, Tensor]) -> Tensor:
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return own_forward(self, features)
+
+    monkeypatch.setattr(type(heads[0]), "coarse_logits", watched)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = stacked(features, FRAME)
+        heads[0](features, FRAME)  # a head on its own keeps the caller's autocast
+    assert seen == [False, True]
+    assert logits.dtype == torch.float32
+
+
+def _convolution_in_bfloat16(input: Tensor, weight: Tensor, bias: Tensor | None, *args: Any) -> Tensor:
+    """What CUDA's autocast kernel for ``aten::convolution`` does: cast to bfloat16, run below autocast."""
+    with torch.autocast("cpu", enabled=False):
+        cast = None if bias is None else bias.to(torch.bfloat16)
+        return torch.ops.aten.convolution(input.to(torch.bfloat16), weight.to(torch.bfloat16), cast, *args)
+
+
+class _ConvolutionDtypes(TorchDispatchMode):
+    """The dtypes every convolution computes in, seen below autocast and below vmap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten.convolution.default:
+            self.dtypes.add(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("name", "options"), CASES, ids=IDS)
+def test_stacked_heads_stay_float32_where_autocast_reaches_the_mapped_convolutions(
+    name: str, options: dict[str, Any]
+) -> None:
+    """On CUDA, autocast casts the ``aten::convolution`` that vmap turns ``conv2d`` into; the CPU's does not.
+
+    Giving the CPU's autocast that kernel here shows what CUDA would do to a stacked forward left under
+    autocast: it must still compute in float32, exactly as with no autocast at all.
+    """
+    heads = make_heads(name, options)
+    features, _ = make_batch(heads[0], seed=0)
+    stacked = StackedHeads(heads)
+    expected = stacked(features, FRAME)
+    log = _ConvolutionDtypes()
+    with torch.library._scoped_library("aten", "IMPL") as lib:
+        lib.impl("convolution", _convolution_in_bfloat16, "AutocastCPU")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with log:
+                logits = stacked(features, FRAME)
+            with torch.no_grad():
+                single = heads[0](features, FRAME)
+    assert log.dtypes == {torch.float32}
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, expected)
+    assert not torch.allclose(single, expected[0], rtol=1e-4, atol=1e-4), "a lone head keeps bfloat16"
 
 
 @pytest.mark.parametrize(("name", "options"), CASES, ids=IDS)
@@ -191,3 +259,55 @@ def test_stacked_adamw_refuses_mismatched_shapes() -> None:
     optimizer = StackedAdamW([torch.zeros(3, 2, requires_grad=True)], 0.0)
     with pytest.raises(FeatstoreError, match="one value per head"):
         optimizer.step(torch.ones(2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("name", "options"), CASES, ids=IDS)
+def test_stacked_heads_on_cuda_compute_in_float32_under_the_training_autocast(
+    name: str, options: dict[str, Any]
+) -> None:
+    """Under the bfloat16 autocast ``train_heads`` uses on CUDA, stacked heads still train as each would alone
+    in float32: float32 convolutions and logits, and the same AdamW updates."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    device = torch.device("cuda")
+    heads = [head.to(device) for head in make_heads(name, options)]
+    alone = [copy.deepcopy(head) for head in heads]
+    batches = []
+    for seed in range(5):
+        features, masks = make_batch(heads[0], seed)
+        batches.append(({layer: x.to(device) for layer, x in features.items()}, masks.to(device)))
+    schedule = (1.0, 0.8, 0.5, 0.3, 0.1)
+    # Exact float32 convolutions on both sides, so what is left to differ is bfloat16 reaching the stack.
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        stacked = StackedHeads(heads).train()
+        optimizer = StackedAdamW(stacked.parameters(), WEIGHT_DECAYS)
+        base = torch.tensor(LRS, device=device)
+        for step, ((features, masks), factor) in enumerate(zip(batches, schedule, strict=True)):
+            log = _ConvolutionDtypes()
+            with torch.autocast("cuda", dtype=torch.bfloat16), log:
+                logits = stacked(features, FRAME)
+            assert log.dtypes == {torch.float32}
+            assert logits.dtype == torch.float32
+            if step == 0:
+                with torch.no_grad():
+                    own = torch.stack([head(features, FRAME) for head in alone])
+                torch.testing.assert_close(logits, own, rtol=1e-4, atol=1e-4)
+            per_head = segmentation_losses(logits, masks)
+            optimizer.zero_grad()
+            per_head.sum().backward()
+            optimizer.step(base * factor)
+        stacked.write_back()
+
+        for i, head in enumerate(alone):
+            own_optimizer = torch.optim.AdamW(head.parameters(), lr=LRS[i], weight_decay=WEIGHT_DECAYS[i])
+            for (features, masks), factor in zip(batches, schedule, strict=True):
+                for group in own_optimizer.param_groups:
+                    group["lr"] = LRS[i] * factor
+                loss = segmentation_loss(head(features, FRAME), masks)
+                own_optimizer.zero_grad()
+                loss.backward()
+                own_optimizer.step()
+            trained = dict(heads[i].named_parameters())
+            for param_name, value in head.named_parameters():
+                torch.testing.assert_close(trained[param_name], value, rtol=1e-4, atol=1e-4)
