@@ -58,6 +58,18 @@ def make_batch(head: Decoder, seed: int) -> tuple[dict[str, torch.Tensor], torch
     return features, masks
 
 
+def _train_alone(head: Any, i: int, batches: Any, schedule: Any) -> None:
+    """Head ``i`` trained by itself with torch's AdamW, over the batches and learning-rate schedule given."""
+    own = torch.optim.AdamW(head.parameters(), lr=LRS[i], weight_decay=WEIGHT_DECAYS[i])
+    for (features, masks), factor in zip(batches, schedule, strict=True):
+        for group in own.param_groups:
+            group["lr"] = LRS[i] * factor
+        loss = segmentation_loss(head(features, FRAME), masks)
+        own.zero_grad()
+        loss.backward()
+        own.step()
+
+
 @pytest.mark.parametrize(("name", "options"), CASES, ids=IDS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_stacked_forward_equals_each_heads_own(name: str, options: dict[str, Any], training: bool) -> None:
@@ -177,14 +189,7 @@ def test_stacked_training_ends_where_each_head_alone_ends(name: str, options: di
 
     for i, head in enumerate(alone):
         head.train()
-        own = torch.optim.AdamW(head.parameters(), lr=LRS[i], weight_decay=WEIGHT_DECAYS[i])
-        for (features, masks), factor in zip(batches, schedule, strict=True):
-            for group in own.param_groups:
-                group["lr"] = LRS[i] * factor
-            loss = segmentation_loss(head(features, FRAME), masks)
-            own.zero_grad()
-            loss.backward()
-            own.step()
+        _train_alone(head, i, batches, schedule)
         trained = dict(heads[i].named_parameters())
         for param_name, value in head.named_parameters():
             assert not torch.equal(value, initial[i][param_name]), f"{param_name} of head {i} never moved"
@@ -300,14 +305,7 @@ def test_stacked_heads_on_cuda_compute_in_float32_under_the_training_autocast(
         stacked.write_back()
 
         for i, head in enumerate(alone):
-            own_optimizer = torch.optim.AdamW(head.parameters(), lr=LRS[i], weight_decay=WEIGHT_DECAYS[i])
-            for (features, masks), factor in zip(batches, schedule, strict=True):
-                for group in own_optimizer.param_groups:
-                    group["lr"] = LRS[i] * factor
-                loss = segmentation_loss(head(features, FRAME), masks)
-                own_optimizer.zero_grad()
-                loss.backward()
-                own_optimizer.step()
+            _train_alone(head, i, batches, schedule)
             trained = dict(heads[i].named_parameters())
             for param_name, value in head.named_parameters():
                 torch.testing.assert_close(trained[param_name], value, rtol=1e-4, atol=1e-4)
