@@ -30,6 +30,7 @@ from decoders.training import build_head, check_disjoint
 from featstore.accounting import CONTEST_FRAME, check_budget
 from featstore.errors import FeatstoreError
 from featstore.features import FeatureArtifact, open_features
+from featstore.frame_stream import decodes_on_gpu
 from featstore.store import ArtifactRecord, Store, canonical_hash, write_json_atomic
 from featstore.wandb_sync import WandbJob, wandb_requested
 from jobs.featurize import resolve_device
@@ -85,9 +86,13 @@ def _check_compatible(train: FeatureArtifact, val: FeatureArtifact) -> None:
     same = ("backbone", "layers", "dtype", "weights_digest", "preprocessing")
     differing = [k for k in same if train.metadata.get(k) != val.metadata.get(k)]
     if differing:
+        decoded = decodes_on_gpu(train.metadata.get("preprocessing") or {}) != decodes_on_gpu(
+            val.metadata.get("preprocessing") or {}
+        )
         raise FeatstoreError(
             f"--val-features {val.record.ref} differs from --features {train.record.ref} in {', '.join(differing)}: "
             "build both with the same backbone, weights, layers and dtype"
+            + (", both on a GPU (nvJPEG decodes their JPEGs) or both on the CPU" if decoded else "")
         )
 
 

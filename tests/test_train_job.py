@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,10 +14,11 @@ from PIL import Image
 from decoders import DeviceFeatures, evaluate
 from featstore.cli import main
 from featstore.errors import BudgetError, FeatstoreError
-from featstore.features import open_features
+from featstore.features import FeatureArtifact, open_features
+from featstore.frame_stream import with_jpeg_decoder
 from featstore.store import Store
 from jobs.featurize import build_features
-from jobs.train import load_decoder, train_decoders
+from jobs.train import _check_compatible, load_decoder, train_decoders
 
 
 @pytest.fixture
@@ -72,6 +74,20 @@ def test_validation_features_must_match(tmp_path: Path, tiny_features: tuple[Sto
     with pytest.raises(FeatstoreError, match="--epochs 0 must be at least 1"):
         train_decoders(store, ref, val_features=same, epochs=0, device="cpu", progress=False)
     assert [r.ref for r in store.list("decoder")] == [result.ref]
+
+
+def test_validation_features_decoded_elsewhere_say_so(tmp_path: Path, tiny_features: tuple[Store, str]) -> None:
+    """Features whose JPEGs nvJPEG decoded are not the CPU's: the refusal says to build both alike."""
+    store, ref = tiny_features
+    other = write_davis(tmp_path / "val-davis", {"v0": 3, "v1": 3}, size=(48, 64), seed=1)
+    val = build_features(store, "tiny", other, weights="random", device="cpu", progress=False)
+    meta = val.record.metadata
+    on_gpu = dataclasses.replace(
+        val.record, metadata={**meta, "preprocessing": with_jpeg_decoder(meta["preprocessing"], on_gpu=True)}
+    )
+    with pytest.raises(FeatstoreError, match=r"in preprocessing: .*both on a GPU \(nvJPEG decodes their JPEGs\)"):
+        _check_compatible(open_features(store, ref), FeatureArtifact(store, on_gpu))
+    _check_compatible(open_features(store, ref), open_features(store, val.ref))
 
 
 def test_cli_train_json(tiny_features: tuple[Store, str], capsys: pytest.CaptureFixture[str]) -> None:
