@@ -48,6 +48,7 @@ def cmd_build(args: argparse.Namespace, store: Store) -> dict[str, Any]:
         progress=_progress(args),
         wandb=args.wandb,
         force=args.force,
+        jpeg_decoder=args.jpeg_decoder,
     )
     if not args.json:
         shapes = ", ".join(f"{layer} {'x'.join(map(str, s))}" for layer, s in result.shapes.items())
@@ -393,6 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--batch-size", type=int, default=16)
     build.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     build.add_argument("--seed", type=_seed, default=0, help="seed of --weights random")
+    build.add_argument(
+        "--jpeg-decoder", default="auto", choices=["auto", "pil", "nvjpeg"],
+        help="auto: nvJPEG on a GPU, PIL on the CPU; pil keeps CPU-identical pixels (and cache keys) on a GPU",
+    )
     build.add_argument("--scheduler", default=None, help="dask scheduler ADDRESS, or local:N for a LocalCluster")
     build.add_argument("--wandb", action="store_true", help="log the job to Weights & Biases (or FEATSTORE_WANDB=1)")
     _add_force(build)

@@ -83,6 +83,25 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+JPEG_DECODERS = ("auto", "pil", "nvjpeg")
+
+
+def choose_gpu_decode(jpeg_decoder: str, device: str, chosen: torch.device | None) -> bool:
+    """Whether a build decodes its JPEGs with nvJPEG (``--jpeg-decoder``; ``chosen`` is the parsed device).
+
+    ``auto`` does when the build runs on a GPU; on a cluster only when ``--device`` names CUDA, since the
+    client cannot know what its workers have and every clip of an artifact must decode alike. ``pil`` keeps
+    the CPU's pixels (and keys) on a GPU, e.g. to match features built elsewhere.
+    """
+    if jpeg_decoder not in JPEG_DECODERS:
+        raise FeatstoreError(f"--jpeg-decoder {jpeg_decoder!r} is not one of {', '.join(JPEG_DECODERS)}")
+    on_gpu = chosen is not None and chosen.type == "cuda"
+    if jpeg_decoder == "nvjpeg" and not on_gpu:
+        raise FeatstoreError(f"--jpeg-decoder nvjpeg decodes on a GPU but --device {device} does not name one "
+                             "there: use --device cuda (or cuda:N), or --jpeg-decoder pil")
+    return on_gpu if jpeg_decoder == "auto" else jpeg_decoder == "nvjpeg"
+
+
 def feature_artifact_name(dataset: Dataset, backbone: str, weights: str) -> str:
     """Name features by dataset, architecture and weights tag, e.g. ``davis2016-dev.alexnet.imagenet``."""
     tag = weights if weights in ("imagenet", "random") else "file"
@@ -567,6 +586,7 @@ def build_features(
     progress: bool = True,
     wandb: bool = False,
     force: bool = False,
+    jpeg_decoder: str = "auto",
 ) -> BuildResult:
     """Featurize a dataset into a committed artifact; the same inputs again are a cache hit.
 
@@ -581,18 +601,16 @@ def build_features(
         from jobs.distributed import local_workers  # dask loads only for distributed builds
 
         local_workers(scheduler)
-    # JPEGs are decoded on the GPU when the build runs on one; on a cluster only when --device names CUDA,
-    # since the client cannot know what its workers have and every clip of an artifact must decode alike.
-    on_gpu = chosen is not None and chosen.type == "cuda"
+    gpu_decode = choose_gpu_decode(jpeg_decoder, device, chosen)
     plan, extractor = prepare_build(store, backbone, data, weights=weights, layers=layers, dtype=dtype, seed=seed,
-                                    gpu_decode=on_gpu)
+                                    gpu_decode=gpu_decode)
     masked = sum(record.annotation is not None for record in plan.dataset.frames)
     if progress and 0 < masked < len(plan.dataset.frames):
         print(f"featstore: {masked} of {len(plan.dataset.frames)} frames have masks; features are stored without "
               "masks, which training needs on every frame", file=sys.stderr)
     config = {"backbone": backbone, "weights": weights, "layers": list(plan.layers), "dtype": dtype,
               "batch_size": batch_size, "device": str(chosen or device), "scheduler": scheduler,
-              "key": plan.key}
+              "jpeg_decoder": "nvjpeg" if gpu_decode else "pil", "key": plan.key}
     with WandbJob("featurize", config, enabled=wandb_requested(wandb), store=store) as job:
         result = _build(plan, extractor, batch_size=batch_size, device=device,
                         scheduler=scheduler, progress=progress, force=force)

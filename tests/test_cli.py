@@ -57,6 +57,17 @@ def test_json_failure_prints_the_error_as_the_last_stdout_line(
     assert err.startswith("featstore show: error:") and err.count("\n") == 1
 
 
+def test_build_with_nvjpeg_on_the_cpu_names_the_option_and_the_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "store"
+    argv = ["build", "--backbone", "tiny", "--weights", "random", "--device", "cpu", "--jpeg-decoder", "nvjpeg"]
+    assert main([*argv, "--store", str(store)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--jpeg-decoder nvjpeg" in err and "use --device cuda" in err
+    assert not (store / "features").exists()
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as caught:
         main(["--version"])

@@ -313,6 +313,41 @@ def test_cuda_build_stores_the_features_of_its_decoded_frames(tmp_path: Path, sm
             assert float((have - want[layer].float()).norm() / want[layer].float().norm()) < 5e-2, (clip, layer)
 
 
+@pytest.mark.parametrize(("device", "scheduler"), [("cpu", None), ("auto", "local:1")])
+def test_nvjpeg_without_a_named_gpu_is_refused_before_any_work(tmp_path: Path, small_davis: Path, device: str,
+                                                               scheduler: str | None) -> None:
+    store = Store(tmp_path / "store")
+    with pytest.raises(FeatstoreError, match=f"--jpeg-decoder nvjpeg decodes on a GPU but --device {device} "):
+        build_features(store, "tiny", small_davis, weights="random", device=device, scheduler=scheduler,
+                       jpeg_decoder="nvjpeg", progress=False)
+    with pytest.raises(FeatstoreError, match="--jpeg-decoder 'libjpeg' is not one of auto, pil, nvjpeg"):
+        build_features(store, "tiny", small_davis, weights="random", device="cpu", jpeg_decoder="libjpeg",
+                       progress=False)
+    assert store.list() == []
+
+
+def test_pil_decoding_is_what_a_cpu_build_does_anyway(tmp_path: Path, small_davis: Path) -> None:
+    store = Store(tmp_path / "store")
+    default = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
+    chosen = build_features(store, "tiny", small_davis, weights="random", device="cpu", jpeg_decoder="pil",
+                            progress=False)
+    assert chosen.cached and chosen.ref == default.ref
+
+
+@pytest.mark.gpu
+def test_a_gpu_build_told_to_decode_with_pil_reuses_the_cpu_features(tmp_path: Path, small_davis: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    store = Store(tmp_path / "store")
+    on_cpu = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
+    on_gpu = build_features(store, "tiny", small_davis, weights="random", device="cuda", jpeg_decoder="pil",
+                            progress=False)
+    assert on_gpu.cached and on_gpu.ref == on_cpu.ref
+    fresh = build_features(Store(tmp_path / "fresh"), "tiny", small_davis, weights="random", device="cuda",
+                           jpeg_decoder="pil", progress=False)
+    assert fresh.record.key == on_cpu.record.key and not decodes_on_gpu(fresh.record.metadata["preprocessing"])
+
+
 @pytest.mark.parametrize("device", ["gpu", "mps", "cuda:x"])
 def test_a_device_featstore_cannot_use_is_refused_before_any_work(tmp_path: Path, small_davis: Path,
                                                                    device: str) -> None:
