@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 # available, and features filling more than 80% of a device leave too little to train in anyway.
 HEADROOM_FRACTION = 0.2
 MEMINFO = Path("/proc/meminfo")
+PROC_CGROUP = Path("/proc/self/cgroup")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# cgroup v1 writes "no limit" as 2**63 - 1 rounded down to a page; no real limit comes near this.
+_NO_LIMIT = 2**62
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -35,15 +39,61 @@ def available_bytes(device: torch.device) -> int | None:
     CUDA: the driver's free bytes on that GPU plus what PyTorch's caching allocator holds unused (an
     earlier job in the same process, such as a build before training in ``compare``, leaves it reserved).
     CPU: the kernel's ``MemAvailable``, its estimate of what can be allocated without swapping (free
-    memory plus reclaimable caches); a container's cgroup memory limit is not read.
+    memory plus reclaimable caches), or less where the process's memory cgroup (a container's limit, a
+    batch scheduler's allocation) lets it take less before the OOM killer ends it.
     """
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return int(free + cached)
     if device.type == "cpu":
-        return mem_available(MEMINFO)
+        known = [n for n in (mem_available(MEMINFO), cgroup_available(PROC_CGROUP, CGROUP_ROOT)) if n is not None]
+        return min(known) if known else None
     return None
+
+
+def cgroup_available(proc_cgroup: Path, root: Path) -> int | None:
+    """Bytes the memory cgroup of this process lets it still allocate; ``None`` where no limit is set.
+
+    No well-kept library reads this (psutil reports the host's memory), so it is read here, for cgroup v2
+    (``memory.max``) and v1 (``memory.limit_in_bytes``): the tightest of the process's cgroup and its
+    ancestors, each its limit less its usage, counting inactive file cache as free since the kernel
+    reclaims it before killing (the kubelet's "working set"). Inside a container the cgroup's own path may
+    be absent under the mount, whose root is then the container's cgroup; missing levels are skipped.
+    """
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    v1 = [path for _, controllers, path in (line.split(":", 2) for line in lines if line.count(":") >= 2)
+          if "memory" in controllers.split(",")]
+    v2 = [line.split(":", 2)[2] for line in lines if line.startswith("0::")]
+    if v1:
+        base, path = root / "memory", v1[0]
+        files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+    elif v2:
+        base, path = root, v2[0]
+        files = ("memory.max", "memory.current", "inactive_file")
+    else:
+        return None
+    parts = [p for p in path.split("/") if p]
+    levels = [base.joinpath(*parts[:depth]) for depth in range(len(parts), -1, -1)]
+    room = [n for n in (_cgroup_room(level, *files) for level in levels) if n is not None]
+    return min(room) if room else None
+
+
+def _cgroup_room(level: Path, limit_file: str, usage_file: str, inactive_stat: str) -> int | None:
+    """Limit less working set of one cgroup directory; ``None`` without a limit or without the files."""
+    try:
+        limit_text = (level / limit_file).read_text().strip()
+        usage = int((level / usage_file).read_text())
+        stats = (level / "memory.stat").read_text().splitlines()
+    except (OSError, ValueError):
+        return None
+    if limit_text == "max" or not limit_text.isdigit() or int(limit_text) >= _NO_LIMIT:
+        return None
+    inactive = next((int(line.split()[1]) for line in stats if line.split()[:1] == [inactive_stat]), 0)
+    return max(int(limit_text) - (usage - inactive), 0)
 
 
 def mem_available(meminfo: Path) -> int | None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -10,7 +14,16 @@ import torch
 from conftest import write_davis
 
 from decoders import DeviceFeatures
-from decoders.memory import available_bytes, check_fits, check_memory, mem_available, memory_fixes
+from decoders.memory import (
+    CGROUP_ROOT,
+    PROC_CGROUP,
+    available_bytes,
+    cgroup_available,
+    check_fits,
+    check_memory,
+    mem_available,
+    memory_fixes,
+)
 from featstore.cli import main
 from featstore.errors import FeatstoreError
 from featstore.features import FeatureArtifact, open_features
@@ -69,6 +82,81 @@ def test_mem_available_reads_meminfo(tmp_path: Path) -> None:
 def test_cpu_available_memory_is_measured() -> None:
     available = available_bytes(torch.device("cpu"))
     assert available is not None and available > 0
+
+
+GIB = 2**30
+
+
+def write_cgroup(level: Path, files: dict[str, str]) -> None:
+    level.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (level / name).write_text(text)
+
+
+def test_cgroup_v2_room_is_the_tightest_level_counting_inactive_file_cache_as_free(tmp_path: Path) -> None:
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/batch/job7\n")
+    root = tmp_path / "fs"
+    write_cgroup(root / "batch" / "job7", {"memory.max": f"{4 * GIB}\n", "memory.current": f"{3 * GIB}\n",
+                                           "memory.stat": f"anon {2 * GIB}\ninactive_file {GIB}\n"})
+    write_cgroup(root / "batch", {"memory.max": "max\n", "memory.current": f"{5 * GIB}\n",
+                                  "memory.stat": "inactive_file 0\n"})
+    assert cgroup_available(proc, root) == 2 * GIB  # 4 GiB less a working set of 3 - 1 GiB
+    write_cgroup(root / "batch", {"memory.max": f"{6 * GIB}\n"})
+    assert cgroup_available(proc, root) == GIB  # the parent's 6 GiB less its 5 GiB in use
+    write_cgroup(root / "batch", {"memory.current": f"{7 * GIB}\n"})
+    assert cgroup_available(proc, root) == 0
+
+
+def test_cgroup_limits_are_read_at_the_mount_root_inside_a_container(tmp_path: Path) -> None:
+    """A container sees its host-side cgroup path in /proc but its own cgroup mounted at the root."""
+    proc = tmp_path / "cgroup"
+    proc.write_text("12:pids:/docker/abc\n4:cpu,memory:/docker/abc\n0::/docker/abc\n")
+    root = tmp_path / "fs"
+    write_cgroup(root / "memory", {"memory.limit_in_bytes": f"{GIB}\n", "memory.usage_in_bytes": f"{GIB // 2}\n",
+                                   "memory.stat": f"inactive_file 7\ntotal_inactive_file {GIB // 4}\n"})
+    assert cgroup_available(proc, root) == GIB // 4 * 3  # v1 is preferred; its hierarchical inactive cache counts
+
+
+@pytest.mark.parametrize("limit", ["9223372036854771712", "max"])
+def test_an_unlimited_or_absent_cgroup_sets_no_bound(tmp_path: Path, limit: str) -> None:
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/\n")
+    assert cgroup_available(proc, tmp_path / "fs") is None
+    write_cgroup(tmp_path / "fs", {"memory.max": limit, "memory.current": "5", "memory.stat": ""})
+    assert cgroup_available(proc, tmp_path / "fs") is None
+    assert cgroup_available(tmp_path / "absent", tmp_path / "fs") is None
+
+
+def _v1_memory_cgroup() -> Path | None:
+    """This process's writable cgroup v1 memory directory, where a test may make a child cgroup."""
+    if not PROC_CGROUP.is_file():
+        return None
+    for line in PROC_CGROUP.read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        level = CGROUP_ROOT / "memory" / path.lstrip("/")
+        if "memory" in controllers.split(",") and os.access(level, os.W_OK):
+            return level
+    return None
+
+
+@pytest.mark.skipif(_v1_memory_cgroup() is None, reason="needs a writable cgroup v1 memory hierarchy (root)")
+def test_a_process_in_a_memory_limited_cgroup_sees_the_limit() -> None:
+    """A real cgroup with a 512 MiB limit: the CPU's available memory is under it, not the host's."""
+    parent = _v1_memory_cgroup()
+    assert parent is not None
+    child = parent / f"featstore-test-{uuid.uuid4().hex[:8]}"
+    child.mkdir()
+    try:
+        (child / "memory.limit_in_bytes").write_text(str(512 * 2**20))
+        script = ("import os, sys, torch; from decoders.memory import available_bytes; "
+                  "open(sys.argv[1] + '/cgroup.procs', 'w').write(str(os.getpid())); "
+                  "print(available_bytes(torch.device('cpu')))")
+        out = subprocess.run([sys.executable, "-c", script, str(child)], capture_output=True, text=True,
+                             check=True, cwd=Path(__file__).parent.parent).stdout
+        assert 0 < int(out) <= 512 * 2**20 < mem_available(Path("/proc/meminfo")) // 4  # type: ignore[operator]
+    finally:
+        child.rmdir()
 
 
 @pytest.mark.parametrize(("dtype", "masks"), [("float16", True), ("float32", True), ("bfloat16", False)])
