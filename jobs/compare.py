@@ -223,7 +223,8 @@ def compare_backbones(
     rows.sort(key=lambda r: -r["mean_iou"] if r["mean_iou"] is not None else math.inf)
     csv_path, plot_path = target / CSV_FILE, target / PLOT_FILE
     _write_csv(rows, csv_path)
-    _write_plot(rows, plot_path, dataset.name, held_out_clips, budget)
+    _write_plot(rows, plot_path, dataset.name, held_out_clips, budget,
+                styles=plot_styles([c.label for c in choices], [h.decoder for h in heads]))
     return CompareResult(dataset.name, tuple(held_out_clips), rows, csv_path, plot_path)
 
 
@@ -358,12 +359,26 @@ _DECODER_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 _LABEL_OFFSETS = tuple(dict.fromkeys((side * 9, sign * step) for side in (1, -1) for step in range(0, 130, 10) for sign in (1, -1)))
 
 
+def plot_styles(backbones: Sequence[str], decoders: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """A colour per backbone label and a marker per decoder, by the order they were listed in, not by score,
+    so that reruns and comparisons that share a backbone draw it alike."""
+    colour = {b: _BACKBONE_COLOURS[i % len(_BACKBONE_COLOURS)] for i, b in enumerate(backbones)}
+    marker = {d: _DECODER_MARKERS[i % len(_DECODER_MARKERS)] for i, d in enumerate(decoders)}
+    return colour, marker
+
+
 def _write_plot(
-    rows: Sequence[dict[str, Any]], path: Path, dataset: str, val_clips: Sequence[str], budget: int
+    rows: Sequence[dict[str, Any]],
+    path: Path,
+    dataset: str,
+    val_clips: Sequence[str],
+    budget: int,
+    *,
+    styles: tuple[dict[str, str], dict[str, str]],
 ) -> None:
     """Held-out mean IoU against total parameters (log scale), the budget line and the Pareto front.
 
-    Colour says the backbone and the marker the decoder, and each point is labelled with both.
+    Colour says the backbone and the marker the decoder (``styles``), and each point is labelled with both.
     """
     # The Figure API, not pyplot: no global backend switch under a caller's notebook or GUI.
     from matplotlib.artist import Artist
@@ -375,10 +390,8 @@ def _write_plot(
     figure = Figure(figsize=(8, 5.4), dpi=120)
     canvas = FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    backbones = list(dict.fromkeys(row_label(r) for r in rows))
-    decoders = list(dict.fromkeys(str(r["decoder"]) for r in rows))
-    colour = {b: _BACKBONE_COLOURS[i % len(_BACKBONE_COLOURS)] for i, b in enumerate(backbones)}
-    marker = {d: _DECODER_MARKERS[i % len(_DECODER_MARKERS)] for i, d in enumerate(decoders)}
+    colour, marker = styles
+    backbones, decoders = list(colour), list(marker)
     scored = sorted((r for r in rows if r["mean_iou"] is not None), key=lambda r: (r["nparams"], -r["mean_iou"]))
     unscored = [r for r in rows if r["mean_iou"] is None]
     front = pareto_front(rows)

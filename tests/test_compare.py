@@ -19,7 +19,7 @@ from featstore.datasets import load_dataset
 from featstore.errors import BackboneError, FeatstoreError
 from featstore.results import read_result_folder
 from featstore.store import Store
-from jobs.compare import COLUMNS, CompareResult, compare_backbones, pareto_front
+from jobs.compare import COLUMNS, CompareResult, compare_backbones, pareto_front, plot_styles
 from jobs.evaluate import evaluate
 
 CLIPS = {"alpha": 4, "beta": 3, "gamma": 4, "delta": 3}
@@ -325,3 +325,10 @@ def test_real_clips_end_to_end(tmp_path: Path, davis_dev: Path) -> None:
     assert len(outputs) == 2 * len(result.val_clips)
     with Image.open(next(iter(outputs.values()))) as image:
         assert image.size == (854, 480) and image.mode == "L"
+
+
+def test_a_backbone_keeps_its_colour_whatever_the_scores_and_the_other_backbones() -> None:
+    colour, marker = plot_styles(["tiny@random", "alexnet"], ["fpn", "linear"])
+    again, markers_again = plot_styles(["tiny@random", "alexnet", "efficientnet_lite0"], ["fpn"])
+    assert list(colour) == ["tiny@random", "alexnet"] and len(set(colour.values())) == 2
+    assert colour.items() <= again.items() and markers_again["fpn"] == marker["fpn"] != marker["linear"]
