@@ -29,7 +29,15 @@ from featstore.accounting import CONTEST_FRAME, count_flops
 from featstore.backbones import FeatureExtractor, create_backbone
 from featstore.datasets import Dataset, FrameRecord, load_dataset
 from featstore.errors import FeatstoreError, StoreError
-from featstore.features import GROUP_DIR, ClipArrays, open_group, parse_dtype, to_storage
+from featstore.features import (
+    GROUP_DIR,
+    ClipArrays,
+    features_path,
+    masks_path,
+    open_group,
+    parse_dtype,
+    to_storage,
+)
 from featstore.frame_stream import FrameBatch, FrameStream, decodes_on_gpu, with_jpeg_decoder
 from featstore.store import (
     ArtifactRecord,
@@ -317,6 +325,36 @@ def finished_clips(scratch: Path) -> set[str]:
     """Clips whose arrays were completely written by an earlier (possibly killed) run."""
     done = scratch / DONE_DIR
     return {p.stem for p in done.glob("*.json")} if done.is_dir() else set()
+
+
+def discard_clips_with_holes(group_path: Path, scratch: Path, *, with_masks: bool) -> list[str]:
+    """Drop the done markers of finished clips whose arrays lack chunk files; returns those clips, sorted.
+
+    A marker is written only after every chunk of its clip, but a staging folder can lose files later (a
+    full disk cleaned by hand, a partial copy) and zarr would read a lost chunk as zeros. Such a clip is
+    computed again rather than committed with a hole.
+    """
+    done = finished_clips(scratch)
+    if not done:
+        return []
+    try:
+        group = open_group(group_path, mode="r")
+    except (FileNotFoundError, ValueError):  # the data is gone altogether: no marker stands
+        group = None
+    holed = []
+    for clip in sorted(done):
+        layers = json.loads((scratch / DONE_DIR / f"{clip}.json").read_text())["shapes"]
+        paths = [features_path(layer, clip) for layer in layers] + ([masks_path(clip)] if with_masks else [])
+        if group is None or not all(_fully_written(group, path) for path in paths):
+            (scratch / DONE_DIR / f"{clip}.json").unlink()
+            holed.append(clip)
+    return holed
+
+
+def _fully_written(group: zarr.Group, path: str) -> bool:
+    """Whether the array at ``path`` exists with every one of its chunk files."""
+    array = group.get(path)
+    return isinstance(array, zarr.Array) and array.nchunks_initialized == array.nchunks
 
 
 class ClipWriter:
@@ -681,13 +719,17 @@ def _build_uncached(
     with store.stage("features", plan.name, plan.key, fresh=force) as staging:
         if staging.committed is not None:
             return _result(store, staging.committed, cached=True)
+        group_path = staging.path / GROUP_DIR
+        holed = discard_clips_with_holes(group_path, staging.scratch, with_masks=plan.dataset.has_annotations)
+        if holed:
+            print(f"featstore: resuming {plan.name}: the staged arrays of clip(s) {', '.join(holed[:5])} lost "
+                  "chunk files since they were finished; computing them again", file=sys.stderr)
         todo = [c for c in plan.dataset.clips() if c not in finished_clips(staging.scratch)]
         if len(todo) < len(plan.dataset.clips()):
             print(
                 f"featstore: resuming {plan.name}: {len(plan.dataset.clips()) - len(todo)} clip(s) already finished",
                 file=sys.stderr,
             )
-        group_path = staging.path / GROUP_DIR
         open_group(group_path)
         started = time.perf_counter()
         clock: StageClock | None = None

@@ -117,6 +117,23 @@ def test_interrupted_build_resumes_from_finished_clips(tmp_path: Path, small_dav
     assert result.frames == 12 and store.verify(result.record) == []
 
 
+@pytest.mark.parametrize("lost", ["features/stage2/alpha", "masks/alpha"])
+def test_a_finished_clip_that_lost_a_chunk_is_computed_again(tmp_path: Path, small_davis: Path, lost: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    store = Store(tmp_path / "store")
+    staging = stopped_build(store, small_davis, clips=("alpha", "beta"))
+    sorted((staging / "data" / "features.zarr" / lost).glob("c.*"))[-1].unlink()
+    result = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
+    err = capsys.readouterr().err
+    assert "the staged arrays of clip(s) alpha lost chunk files" in err and "1 clip(s) already finished" in err
+    assert store.verify(result.record) == []
+    clean = build_features(Store(tmp_path / "clean"), "tiny", small_davis, weights="random", device="cpu",
+                           progress=False)
+    got, want = open_features(store, result.ref), open_features(Store(tmp_path / "clean"), clean.ref)
+    assert torch.equal(got.read("alpha", "stage2"), want.read("alpha", "stage2"))
+    assert torch.equal(got.read_masks("alpha"), want.read_masks("alpha"))
+
+
 def build_with_a_lost_chunk(store: Store, data: Path) -> BuildResult:
     """A committed build of ``data`` whose first chunk of clip gamma's stage2 array was then deleted."""
     result = build_features(store, "tiny", data, weights="random", device="cpu", progress=False)
