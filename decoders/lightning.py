@@ -250,5 +250,8 @@ class HeadModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def evaluate(self, data: DeviceFeatures, *, batch_size: int = 8) -> Scores:
-        """Contest scores with the clip names of ``data`` (the same rule as ``val_iou``)."""
-        return evaluate(self.head, data, batch_size=batch_size)
+        """Contest scores with the clip names of ``data``: the rule and, once a trainer has run this module,
+        the precision of ``val_iou`` (without one, that of ``featstore train``)."""
+        trainer = self._trainer
+        autocast = trainer.precision_plugin.forward_context if trainer is not None else None
+        return evaluate(self.head, data, batch_size=batch_size, autocast=autocast)

@@ -420,22 +420,35 @@ def best_head(heads: Sequence[TrainedHead]) -> TrainedHead:
 
 @torch.no_grad()
 def predict(
-    decoder: Decoder, data: DeviceFeatures, *, batch_size: int = 8
+    decoder: Decoder,
+    data: DeviceFeatures,
+    *,
+    batch_size: int = 8,
+    autocast: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """``(index, probabilities)`` per batch in frame order; probabilities ``(B, H, W)`` float32 on the device."""
+    """``(index, probabilities)`` per batch in frame order; probabilities ``(B, H, W)`` float32 on the device.
+
+    ``autocast``: the precision to run in, by default ``autocast_for`` (a Lightning trainer passes its own).
+    """
     decoder.eval()
     for index in data.batches(batch_size, shuffle=False):
-        with autocast_for(data.device):
+        with autocast() if autocast is not None else autocast_for(data.device):
             logits = decoder(data.gather(index, decoder.temporal_window), data.frame_size)
         yield index, torch.sigmoid(logits.float()).squeeze(1)
 
 
-def evaluate(decoder: Decoder, data: DeviceFeatures, *, batch_size: int = 8) -> Scores:
+def evaluate(
+    decoder: Decoder,
+    data: DeviceFeatures,
+    *,
+    batch_size: int = 8,
+    autocast: Callable[[], AbstractContextManager[Any]] | None = None,
+) -> Scores:
     """Contest scores: round(255 p) binarized as round(v / 255), both-empty frames left out, pooled mean."""
     if not data.has_masks:
         raise FeatstoreError("the validation features have no masks: build them from an annotated dataset")
     indices, intersections, unions = [], [], []
-    for index, prob in predict(decoder, data, batch_size=batch_size):
+    for index, prob in predict(decoder, data, batch_size=batch_size, autocast=autocast):
         intersection, union = iou_terms(prob, data.mask(index))
         indices.append(index)
         intersections.append(intersection)

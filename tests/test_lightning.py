@@ -79,6 +79,21 @@ def test_batchnorm_is_recalibrated_in_the_trainers_precision(precision: str) -> 
     assert seen == {"step": {mixed}, "recalibration": {mixed}}
 
 
+def test_evaluate_scores_in_the_trainers_precision_as_val_iou_does() -> None:
+    train = synthetic_features({"a": 8, "b": 8}, seed=17)
+    val = synthetic_features({"v": 6, "w": 5}, seed=18)
+    module = HeadModule.for_features(HeadConfig("fpn", lr=3e-3, options={"width": 16}), train, seed=0)
+    assert module.evaluate(val, batch_size=4).frames_scored > 0, "without a trainer, featstore train's precision"
+    autocast_on: list[bool] = []
+    module.head.register_forward_pre_hook(lambda *args: autocast_on.append(torch.is_autocast_enabled("cpu")))
+    trainer = _trainer(precision="bf16-mixed")
+    trainer.fit(module, datamodule=FeatureDataModule(train=train, val=val, batch_size=4))
+    autocast_on.clear()
+    scores = module.evaluate(val, batch_size=4)
+    assert autocast_on and set(autocast_on) == {True}
+    assert scores.mean_iou == pytest.approx(float(trainer.callback_metrics["val_iou"]), abs=1e-6)
+
+
 def test_loaders_yield_indices_that_become_device_features() -> None:
     train = synthetic_features({"a": 5, "b": 4}, seed=12)
     data = FeatureDataModule(train=train, batch_size=4, temporal_window=1)
