@@ -390,11 +390,34 @@ def _header(path: Path | None) -> tuple[tuple[int, int], str] | str | None:
         return None
     try:
         with Image.open(path) as image:
+            if not _ends_with_its_end_marker(path, image.format):
+                image.load()  # decodes: refuses a file cut short, accepts one with data after its end marker
             return image.size, image.mode
     except FileNotFoundError:
         return "does not exist"
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         return f"not a readable image: {_reason(exc)}"
+
+
+# The last bytes of a whole file: JPEG's end-of-image marker, PNG's IEND chunk type and its CRC.
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+_TAIL_BYTES = 64
+
+
+def _ends_with_its_end_marker(path: Path, image_format: str | None) -> bool:
+    """Whether a JPEG or PNG ends in its format's end marker (other formats: assumed whole).
+
+    Headers alone pass a file cut short (a partial copy or download), which would then fail only when a
+    build decodes it; reading the tail catches that for every file at the cost of one small read, and only
+    files without the marker are decoded in full.
+    """
+    marker = _END_MARKERS.get(image_format or "")
+    if marker is None:
+        return True
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, handle.tell() - _TAIL_BYTES))
+        return handle.read().rstrip(b"\x00").endswith(marker)
 
 
 def _check_frame_files(

@@ -262,6 +262,25 @@ def test_refuses_unreadable_frame(tmp_path: Path) -> None:
     assert "row from" not in message, "a DAVIS folder has no rows to remove"
 
 
+@pytest.mark.parametrize("cut", ["JPEGImages/480p/a/00001.jpg", "Annotations/480p/a/00001.png"])
+def test_refuses_a_file_cut_short_before_anything_decodes_it(tmp_path: Path, cut: str) -> None:
+    """A partial copy passes a header check; its missing end marker gets it decoded, and refused, up front."""
+    root = make_davis(tmp_path / "d", {"a": [0, 1]})
+    broken = root / cut
+    whole = broken.read_bytes()
+    broken.write_bytes(whole[: len(whole) * 2 // 3])
+    refused(root, str(broken), "truncated", "(row 1, clip 'a', frame 1)", "restore the file")
+
+
+def test_accepts_files_with_bytes_after_their_end_marker(tmp_path: Path) -> None:
+    """Some encoders pad or append data after the end marker: such files decode, so they are whole."""
+    root = make_davis(tmp_path / "d", {"a": [0, 1]})
+    for padded, extra in (("JPEGImages/480p/a/00000.jpg", b"\x00" * 100), ("Annotations/480p/a/00001.png", b"X" * 100)):
+        with open(root / padded, "ab") as handle:
+            handle.write(extra)
+    assert len(load_dataset(root).frames) == 2
+
+
 def test_refuses_mask_of_another_size(tmp_path: Path) -> None:
     root = make_davis(tmp_path / "d", {"a": [0, 1]})
     mask = root / "Annotations" / "480p" / "a" / "00001.png"
