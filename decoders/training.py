@@ -375,25 +375,24 @@ def train_heads(
         epoch_sums = [torch.zeros((epochs, len(unit.heads)), device=device) for unit in units]
         frames_per_epoch = max(1, len(train))  # every epoch's batches cover every frame once
         frames = 0
-        bar = tqdm(
+        with tqdm(
             total=total_steps, desc=f"training {len(heads)} head(s)", file=sys.stderr, disable=not progress
-        )
-        for epoch in range(epochs):
-            for index in train.batches(batch_size, generator):
-                features = train.gather(index, gathered)
-                masks = train.mask(index)  # uint8: the loss converts each chunk of frames as it reads it
-                batch = int(index.shape[0])
-                for u, unit in enumerate(units):
-                    clock.start(u)
-                    losses[u] = unit.step(features, gathered, masks)
-                    clock.stop(u)
-                    epoch_sums[u][epoch] += losses[u] * batch
-                frames += batch
-                bar.update(1)
-            if progress:  # once an epoch: reading the loss waits for the GPU
-                best = float(torch.cat([sums[epoch] for sums in epoch_sums]).min()) / frames_per_epoch
-                bar.set_postfix(loss=f"{best:.3f}")
-        bar.close()
+        ) as bar:
+            for epoch in range(epochs):
+                for index in train.batches(batch_size, generator):
+                    features = train.gather(index, gathered)
+                    masks = train.mask(index)  # uint8: the loss converts each chunk of frames as it reads it
+                    batch = int(index.shape[0])
+                    for u, unit in enumerate(units):
+                        clock.start(u)
+                        losses[u] = unit.step(features, gathered, masks)
+                        clock.stop(u)
+                        epoch_sums[u][epoch] += losses[u] * batch
+                    frames += batch
+                    bar.update(1)
+                if progress:  # once an epoch: reading the loss waits for the GPU
+                    best = float(torch.cat([sums[epoch] for sums in epoch_sums]).min()) / frames_per_epoch
+                    bar.set_postfix(loss=f"{best:.3f}")
         for unit in units:
             unit.finish()
         unit_seconds = clock.seconds()

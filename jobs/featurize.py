@@ -465,14 +465,17 @@ def featurize_clips(
         raise FeatstoreError(f"these features decode JPEGs with nvJPEG, which needs a GPU; the backbone is on {device}")
     stream = FrameStream(records, batch_size, device, with_masks=dataset.has_annotations, decode_on_device=gpu_decode)
     threads = min(8, max(2, (os.cpu_count() or 2) // 2))
-    bar = tqdm(total=len(records), unit="frame", desc="featurize", disable=not progress, file=sys.stderr)
-    def hand_over(batch: FrameBatch, copy: HostCopy) -> None:
+    def hand_over(batch: FrameBatch, copy: HostCopy, bar: tqdm) -> None:
         with clock.timing("device"):
             host = copy.arrays()
         writer.add(batch, host)
         bar.update(len(batch.records))
 
-    with ClipWriter(open_group(group_path), dataset, scratch, dtype, threads, clock) as writer:
+    # The bar as a context: an error closes it onto its own line before the error is printed.
+    with (
+        tqdm(total=len(records), unit="frame", desc="featurize", disable=not progress, file=sys.stderr) as bar,
+        ClipWriter(open_group(group_path), dataset, scratch, dtype, threads, clock) as writer,
+    ):
         batches = iter(stream)
         previous: tuple[FrameBatch, HostCopy] | None = None
         while True:
@@ -483,11 +486,10 @@ def featurize_clips(
             with clock.timing("forward"):
                 copy = HostCopy(extractor.extract(batch.pixels))
             if previous is not None:  # on CUDA, while the device runs this batch
-                hand_over(*previous)
+                hand_over(*previous, bar)
             previous = (batch, copy)
         if previous is not None:
-            hand_over(*previous)
-    bar.close()
+            hand_over(*previous, bar)
     return len(records)
 
 

@@ -288,11 +288,11 @@ def _predict_uncached(
         if staging.committed is not None:
             return staging.committed
         started = time.perf_counter()
-        bar = tqdm(total=len(dataset.frames), unit="frame", desc="predict", disable=not progress, file=sys.stderr)
-        predictions = _predictions(decoder, dataset, artifact, extractor, device, batch_size, bar, gpu_decode)
-        # Interrupted attempts may have left a finished folder in the staging area: replace it.
-        write_result_folder(staging.path, predictions, metadata, overwrite=True)
-        bar.close()
+        with tqdm(total=len(dataset.frames), unit="frame", desc="predict", disable=not progress,
+                  file=sys.stderr) as bar:
+            predictions = _predictions(decoder, dataset, artifact, extractor, device, batch_size, bar, gpu_decode)
+            # Interrupted attempts may have left a finished folder in the staging area: replace it.
+            write_result_folder(staging.path, predictions, metadata, overwrite=True)
         elapsed = time.perf_counter() - started
         fps = len(dataset.frames) / elapsed if elapsed > 0 else 0.0
         return staging.commit(parents=parents, metadata={**metadata, "seconds": elapsed, "fps": fps})

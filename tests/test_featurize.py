@@ -134,6 +134,22 @@ def test_a_finished_clip_that_lost_a_chunk_is_computed_again(tmp_path: Path, sma
     assert torch.equal(got.read_masks("alpha"), want.read_masks("alpha"))
 
 
+def test_a_frame_broken_during_a_build_is_named_below_the_progress_bar(
+    tmp_path: Path, small_davis: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan, extractor = prepare_build(Store(tmp_path / "store"), "tiny", small_davis, weights="random")
+    broken = small_davis / "JPEGImages" / "480p" / "gamma" / "00003.jpg"
+    broken.write_bytes(b"overwritten after the dataset was checked")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with pytest.raises(DatasetError, match=str(broken)):
+        featurize_clips(extractor, plan.dataset, ["alpha", "beta", "gamma"], tmp_path / "group", scratch, dtype="float16",
+                        batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    assert "featurize" in err and err.endswith("\n"), "the bar is closed onto its own line before the error"
+    assert finished_clips(scratch) == {"alpha", "beta"}, "the clips before it stay finished for the rerun"
+
+
 def build_with_a_lost_chunk(store: Store, data: Path) -> BuildResult:
     """A committed build of ``data`` whose first chunk of clip gamma's stage2 array was then deleted."""
     result = build_features(store, "tiny", data, weights="random", device="cpu", progress=False)
