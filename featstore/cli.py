@@ -362,7 +362,8 @@ def _count(value: str) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, plus the ``{"error": ...}`` line that ``--json`` promises, for usage errors too.
+    """argparse with one-line usage errors (every featstore error is one line), pointing at ``--help``
+    rather than printing the usage block, plus the ``{"error": ...}`` line ``--json`` promises.
 
     Whether ``--json`` was given is read from the raw arguments: a usage error stops parsing before the
     option may have been reached.
@@ -373,7 +374,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         if self.json_errors:
             print(json.dumps({"error": f"{self.prog}: {message}"}))
-        super().error(message)
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

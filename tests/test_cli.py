@@ -41,6 +41,23 @@ def test_bad_train_arguments_are_refused_with_the_reason(
     refused_argument(["train", "--features", "x", f"{option}={value}"], capsys, option, expected)
 
 
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["build"], "featstore build: error: the following arguments are required: --backbone"),
+        (["train", "--features", "x", "--lr", "1e-3", "3e-3"], "featstore: error: unrecognized arguments: 3e-3"),
+        (["bogus"], "featstore: error: argument COMMAND: invalid choice: 'bogus'"),
+    ],
+)
+def test_usage_errors_are_one_line_that_points_at_help(
+    argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    refused_argument(argv, capsys, expected, "--help`)")
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert capsys.readouterr().err.count("\n") == 1
+
+
 @pytest.mark.parametrize(("text", "budget"), [("5e7", 50_000_000), ("50_000_000", 50_000_000), ("3,000", 3000)])
 def test_budget_takes_the_ways_people_write_large_numbers(text: str, budget: int) -> None:
     args = build_parser().parse_args(["train", "--features", "x", "--budget", text])
