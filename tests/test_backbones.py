@@ -107,6 +107,13 @@ def test_unknown_backbone_suggests_a_close_name() -> None:
         get_backbone_spec("resnet19")
 
 
+def test_a_mistyped_timm_name_is_matched_against_timm_names() -> None:
+    with pytest.raises(BackboneError, match=r"Did you mean timm:resnet18\b") as caught:
+        get_backbone_spec("timm:resnet18x")
+    suggested = str(caught.value).split("Did you mean ")[1].split("?")[0].split(", ")
+    assert all(name.startswith("timm:") for name in suggested)
+
+
 @pytest.mark.parametrize("name", ["tiny", "alexnet", "resnet18", "timm:resnet18", "efficientnet_lite0"])
 def test_spec_round_trips_through_json(name: str) -> None:
     spec = get_backbone_spec(name)

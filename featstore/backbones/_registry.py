@@ -97,7 +97,9 @@ def get_backbone_spec(name: str) -> BackboneSpec:
 
 
 def _unknown_message(name: str) -> str:
-    candidates = list_backbones()
+    # A prefixed name (timm:...) is matched against that family's catalogue, so suggestions keep the prefix.
+    prefix = next((s.prefix for s in _SOURCES if s.prefix and name.startswith(s.prefix)), "")
+    candidates = list_backbones(f"{prefix}*") if prefix else list_backbones()
     close = difflib.get_close_matches(name, candidates, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     return (
