@@ -149,8 +149,10 @@ class DeviceFeatures:
         names, chosen = _selection(artifact, clips, layers)
         if require_masks and not artifact.has_masks:
             raise FeatstoreError(
-                f"masks are missing: {artifact.record.ref} was built from a dataset without a mask on every "
-                "frame; build features from a dataset annotated throughout to train"
+                f"masks are missing: {artifact.record.ref} was built from dataset "
+                f"{artifact.metadata['dataset']['name']!r}, which has frames without masks (a build of a partly "
+                "annotated dataset names them); add the masks and build again, or train on features of a dataset "
+                "annotated throughout"
             )
         lengths = [len(artifact.rows(clip)) for clip in names]
         rows = [row for clip in names for row in artifact.rows(clip)]

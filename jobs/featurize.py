@@ -644,10 +644,13 @@ def build_features(
     gpu_decode = choose_gpu_decode(jpeg_decoder, device, chosen)
     plan, extractor = prepare_build(store, backbone, data, weights=weights, layers=layers, dtype=dtype, seed=seed,
                                     gpu_decode=gpu_decode)
-    masked = sum(record.annotation is not None for record in plan.dataset.frames)
-    if progress and 0 < masked < len(plan.dataset.frames):
-        print(f"featstore: {masked} of {len(plan.dataset.frames)} frames have masks; features are stored without "
-              "masks, which training needs on every frame", file=sys.stderr)
+    unmasked = [record for record in plan.dataset.frames if record.annotation is None]
+    if progress and 0 < len(unmasked) < len(plan.dataset.frames):
+        named = ", ".join(f"{r.clip}/{r.frame:05d} (row {r.row})" for r in unmasked[:3])
+        more = f" and {len(unmasked) - 3} more" if len(unmasked) > 3 else ""
+        print(f"featstore: {len(plan.dataset.frames) - len(unmasked)} of {len(plan.dataset.frames)} frames have "
+              f"masks; features are stored without masks, which training needs on every frame. No mask: "
+              f"{named}{more}", file=sys.stderr)
     config = {"backbone": backbone, "weights": weights, "layers": list(plan.layers), "dtype": dtype,
               "batch_size": batch_size, "device": str(chosen or device), "scheduler": scheduler,
               "jpeg_decoder": "nvjpeg" if gpu_decode else "pil", "key": plan.key}

@@ -405,5 +405,7 @@ def test_a_partly_annotated_dataset_is_built_without_masks_and_says_so(
 ) -> None:
     (small_davis / "Annotations" / "480p" / "beta" / "00001.png").unlink()
     result = build_features(Store(tmp_path / "store"), "tiny", small_davis, weights="random", device="cpu")
-    assert "11 of 12 frames have masks; features are stored without masks" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "11 of 12 frames have masks; features are stored without masks" in err
+    assert "No mask: beta/00001 (row 6)" in err
     assert not open_features(Store(tmp_path / "store"), result.ref).has_masks

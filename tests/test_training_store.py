@@ -94,7 +94,8 @@ def test_features_without_masks_refuse_training(tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
     ref = build_features(store, "tiny", data, weights="random", device="cpu", progress=False).ref
     artifact = open_features(store, ref)
-    with pytest.raises(FeatstoreError, match="masks are missing"):
+    with pytest.raises(FeatstoreError,
+                       match=r"masks are missing: .* from dataset 'unlabelled', which has frames without masks"):
         DeviceFeatures.from_artifact(artifact, None, "cpu")
     unlabelled = DeviceFeatures.from_artifact(artifact, None, "cpu", require_masks=False)
     assert not unlabelled.has_masks and len(unlabelled) == 6
