@@ -410,11 +410,18 @@ def train_heads(
 
 
 def best_head(heads: Sequence[TrainedHead]) -> TrainedHead:
-    """The head with the highest validation mean IoU (the first on ties)."""
+    """The head with the highest validation mean IoU; on ties (all zero, say), the higher J, then the lower
+    last-epoch training loss, then the first listed."""
     scored = [h for h in heads if h.val is not None]
     if not scored:
         raise FeatstoreError("no head has validation scores: pass validation features or a holdout fraction")
-    return max(scored, key=lambda h: h.val.mean_iou if h.val else -1.0)
+
+    def rank(head: TrainedHead) -> tuple[float, float, float]:
+        assert head.val is not None
+        loss = head.epoch_losses[-1] if head.epoch_losses else head.final_loss
+        return head.val.mean_iou, head.val.j_mean, -loss if math.isfinite(loss) else -math.inf
+
+    return max(scored, key=rank)
 
 
 @torch.no_grad()

@@ -188,6 +188,10 @@ def train_decoders(
         )
         heads = train_heads(train, val, configs, epochs=epochs, batch_size=batch_size, seed=seed, progress=progress)
         best = best_head(heads)
+        if best.val is not None and best.val.mean_iou == 0.0:
+            print(f"featstore: warning: every head scored 0 mean IoU on the validation clips (no predicted "
+                  f"foreground overlaps a mask); kept {best.config.label}, the lowest training loss among them: "
+                  "train longer (--epochs), try other --lr, or use pretrained features", file=sys.stderr)
         record = _commit(store, name, key, parents, artifact, best, heads, train_clips, val_clips, split,
                          fresh=force)
         job.log(record)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -21,7 +23,7 @@ from decoders import (
 )
 from decoders.training import build_head, recalibrate_batchnorm
 from featstore.errors import FeatstoreError
-from featstore.metrics import ContestScore
+from featstore.metrics import ContestScore, Scores
 
 
 def indexed_features(lengths: dict[str, int]) -> DeviceFeatures:
@@ -253,6 +255,17 @@ def test_best_head_is_the_highest_validation_iou() -> None:
     without_val = train_heads(train, None, [HeadConfig("linear")], epochs=1, progress=False)
     with pytest.raises(FeatstoreError, match="no head has validation scores"):
         best_head(without_val)
+
+
+def test_heads_tied_on_validation_are_ranked_by_their_training_loss() -> None:
+    train = synthetic_features({"a": 8, "b": 8}, seed=8)
+    (trained,) = train_heads(train, None, [HeadConfig("linear")], epochs=1, progress=False)
+    nothing = Scores(mean_iou=0.0, j_mean=0.0)
+    heads = [dataclasses.replace(trained, val=nothing, epoch_losses=(2.0, loss), config=HeadConfig("linear", lr=lr))
+             for lr, loss in ((1e-3, 1.39), (3e-3, 1.06), (1e-2, float("nan")))]
+    assert best_head(heads).config.lr == 3e-3
+    heads.append(dataclasses.replace(heads[0], val=Scores(mean_iou=0.0, j_mean=0.01)))
+    assert best_head(heads) is heads[-1], "J breaks a tie in mean IoU first"
 
 
 def test_progress_goes_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
