@@ -530,7 +530,7 @@ class BuildResult:
             "frames": self.frames,
             "clips": self.clips,
             "bytes": self.bytes,
-            "fps": self.fps,
+            "fps": None if self.cached else self.fps,  # a cache hit computed nothing to time
             "nparams_backbone": self.nparams_backbone,
             "feature_shape": self.shapes,
         }

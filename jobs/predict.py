@@ -80,7 +80,7 @@ class PredictResult:
             "decoder": meta["lineage"]["decoder"],
             "dataset": meta["lineage"]["dataset"]["ref"],
             "frames": meta["frames"],
-            "fps": 0.0 if self.cached else meta["fps"],
+            "fps": None if self.cached else meta["fps"],  # a cache hit computed nothing to time
             "nparams": meta["nparams"],
             "nflops": meta["nflops"],
         }

@@ -234,9 +234,10 @@ def test_cli_build_ls_show_verify_json(tmp_path: Path, small_davis: Path, capsys
     assert main(args) == 0
     built = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"ref", "path", "cached", "frames", "clips", "bytes", "fps", "nparams_backbone"} <= set(built)
-    assert built["cached"] is False and built["frames"] == 12 and Path(built["path"]).is_dir()
+    assert built["cached"] is False and built["frames"] == 12 and Path(built["path"]).is_dir() and built["fps"] > 0
     assert main(args) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cached"] is True
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["cached"] is True and again["fps"] is None
     assert main(["ls", "--store", store, "--json"]) == 0
     listed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["artifacts"]
     assert {(a["type"], a["name"], a["version"]) for a in listed} == {

@@ -210,6 +210,10 @@ def test_cli_predict_json_and_errors(trained: Trained, tmp_path: Path, capsys: p
     payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert payload["ref"].startswith("clips.clips.tiny.random.fpn:v") and payload["out"] == str(out)
     assert (out / "paths.json").is_file()
+    assert main(["predict", "--decoder", decoder_ref, "--data", str(trained.data), "--store", store, "--device", "cpu",
+                 "--json", "--quiet"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["cached"] and again["fps"] is None and again["ref"] == payload["ref"]
 
     assert main(["predict", "--decoder", decoder_ref, "--data", str(trained.data), "--store", store,
                  "--device", "cpu", "--quiet"]) == 0
