@@ -125,9 +125,11 @@ def predict_dataset(
     source = SOURCE_FEATURES if artifact is not None else SOURCE_BACKBONE
     gpu_decode = source == SOURCE_BACKBONE and _decode_as_trained(decoder_record, torch_device)
     trained_on_nvjpeg = decodes_on_gpu(decoder_record.metadata.get("preprocessing") or {})
+    # The decoder's and features' versions are inputs too: a result answers for exactly the versions it used.
     key = canonical_hash(
         {
             "decoder": decoder_record.key,
+            "parents": [decoder_record.ref] + ([artifact.record.ref] if artifact is not None else []),
             "dataset": dataset.digest(),
             "source": source,
             "features": artifact.record.key if artifact is not None else None,

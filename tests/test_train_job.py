@@ -18,6 +18,7 @@ from featstore.features import FeatureArtifact, open_features
 from featstore.frame_stream import with_jpeg_decoder
 from featstore.store import Store
 from jobs.featurize import build_features
+from jobs.predict import predict_dataset
 from jobs.train import _check_compatible, load_decoder, train_decoders
 
 
@@ -121,6 +122,24 @@ def test_training_again_is_a_cache_hit_unless_forced(tiny_features: tuple[Store,
     assert store.resolve(forced.record.name).ref == forced.ref
     assert forced.record.metadata["val_mean_iou"] == first.record.metadata["val_mean_iou"], "same seed, same head"
     assert train_decoders(store, ref, **options).ref == forced.ref
+
+
+def test_a_version_rebuilt_with_force_is_what_training_and_prediction_then_name(tmp_path: Path) -> None:
+    data = write_davis(tmp_path / "davis", {f"clip{i}": 3 for i in range(3)}, size=(48, 64))
+    store = Store(tmp_path / "store")
+    built = build_features(store, "tiny", data, weights="random", device="cpu", progress=False)
+    options = {"decoders": ["linear"], "epochs": 1, "batch_size": 4, "device": "cpu", "progress": False}
+    first = train_decoders(store, built.record.name, **options)
+    rebuilt = build_features(store, "tiny", data, weights="random", device="cpu", progress=False, force=True)
+    retrained = train_decoders(store, built.record.name, **options)
+    assert not retrained.cached and list(retrained.record.parents) == [rebuilt.ref] != list(first.record.parents)
+    assert train_decoders(store, built.record.name, **options).ref == retrained.ref, "and that is cached in turn"
+
+    predicted = predict_dataset(store, retrained.record.name, data, device="cpu", progress=False)
+    forced = train_decoders(store, built.record.name, force=True, **options)
+    again = predict_dataset(store, forced.record.name, data, device="cpu", progress=False)
+    assert not again.cached and again.record.metadata["lineage"]["decoder"] == forced.ref
+    assert predicted.record.metadata["lineage"]["decoder"] == retrained.ref
 
 
 def test_trained_decoder_predicts_full_resolution(tiny_features: tuple[Store, str]) -> None:
