@@ -171,8 +171,17 @@ def cmd_ls(args: argparse.Namespace, store: Store) -> dict[str, Any]:
     if not args.json:
         if not records and not damaged:
             _say(f"no artifacts in {store.root}; try `featstore build --backbone efficientnet_lite0`")
-        for record, size in zip(records, sizes, strict=True):
-            _say(f"{record.type:<9} {record.ref:<48} {format_bytes(size):>9}  {record.created}  {record.key[:12]}")
+        elif records:
+            width = max(len(record.ref) for record in records)
+            newest: dict[tuple[str, str], int] = {}
+            for record in records:
+                newest[record.type, record.name] = max(record.version, newest.get((record.type, record.name), 0))
+            _say(f"{'TYPE':<9} {'REF':<{width}} {'SIZE':>9}  {'CREATED':<25}  KEY")
+            for record, size in zip(records, sizes, strict=True):
+                # "latest" only where a name has several versions: it says which one a bare name means.
+                latest = record.version > 1 and newest[record.type, record.name] == record.version
+                _say(f"{record.type:<9} {record.ref:<{width}} {format_bytes(size):>9}  {record.created:<25}  "
+                     f"{record.key[:12]}{'  latest' if latest else ''}")
     summaries = [_summary(r.to_dict()) | {"bytes": size} for r, size in zip(records, sizes, strict=True)]
     return {"artifacts": summaries, "damaged": damaged}
 

@@ -135,3 +135,20 @@ def test_an_unreadable_record_is_named_with_its_fix_and_spares_the_rest_of_the_l
     payload = json.loads(out.strip().splitlines()[-1])
     assert [a["name"] for a in payload["artifacts"]] == ["good"] and payload["damaged"] == damaged
     assert f"featstore ls: warning: artifact record {record_file} is unreadable" in err
+
+
+def test_ls_lines_up_its_columns_and_marks_the_latest_of_several_versions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = Store(tmp_path / "s")
+    _commit(store, "short", "k1")
+    _commit(store, "a-much-longer-artifact-name-than-the-column-used-to-hold-for-names", "k2")
+    first, second = _commit(store, "twice", "k3", b"a"), _commit(store, "twice", "k4", b"b")
+    assert main(["ls", "--store", str(store.root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["TYPE", "REF", "SIZE", "CREATED", "KEY"]
+    created = {re.search(r"\d{4}-\d\d-\d\dT", line).start() for line in lines[1:]}  # type: ignore[union-attr]
+    assert created == {lines[0].index("CREATED")}
+    marked = {line.split()[1]: line.endswith("  latest") for line in lines[1:]}
+    assert marked == {"short:v1": False, first: False, second: True,
+                      "a-much-longer-artifact-name-than-the-column-used-to-hold-for-names:v1": False}
