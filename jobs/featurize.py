@@ -674,7 +674,7 @@ def _build(
     force: bool,
 ) -> BuildResult:
     store = plan.store
-    cached = None if force else store.find("features", plan.name, plan.key)
+    cached = None if force else store.find("features", plan.name, plan.key) or _built_under_another_name(plan)
     if cached is not None:
         try:
             commit_dataset(store, plan.dataset)  # records the dataset again if its record was damaged
@@ -689,6 +689,18 @@ def _build(
             raise
         _settle_zarr_writes()
         raise StoreError(describe_os_error(exc, store.root)) from exc
+
+
+def _built_under_another_name(plan: BuildPlan) -> ArtifactRecord | None:
+    """The newest features of this very content built from a dataset of another name (a copy elsewhere):
+    the key covers the dataset's content, not its name or place, so they are these features."""
+    same = [r for r in plan.store.list("features", damaged=[]) if r.key == plan.key]
+    if not same:
+        return None
+    found = max(same, key=lambda r: (r.created, r.version))
+    print(f"featstore: dataset {plan.dataset.name!r} holds the frames of {found.metadata['dataset']['name']!r}, "
+          f"whose features {found.ref} are these; reusing them", file=sys.stderr)
+    return found
 
 
 def _settle_zarr_writes(timeout: float = 10.0) -> None:

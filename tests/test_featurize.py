@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -290,6 +291,21 @@ def test_real_clips_with_offline_lite0(tmp_path: Path, davis_dev: Path) -> None:
     assert values.shape[0] == 5 and values.shape[2:] == (15, 27)
     assert torch.isfinite(values.float()).all() and values.float().std() > 0
     assert features.read_masks("motocross-jump").float().mean() > 0.01
+
+
+def test_a_copy_of_a_dataset_under_another_name_reuses_its_features(
+    tmp_path: Path, small_davis: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = Store(tmp_path / "store")
+    first = build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False)
+    copy = shutil.copytree(small_davis, tmp_path / "davis-copy")
+    again = build_features(store, "tiny", copy, weights="random", device="cpu", progress=False)
+    assert again.cached and again.ref == first.ref
+    assert f"dataset 'davis-copy' holds the frames of 'small-davis', whose features {first.ref}" in capsys.readouterr().err
+    (copy / "Annotations" / "480p" / "beta" / "00001.png").write_bytes(
+        (small_davis / "Annotations" / "480p" / "beta" / "00000.png").read_bytes())
+    changed = build_features(store, "tiny", copy, weights="random", device="cpu", progress=False)
+    assert not changed.cached and changed.ref == "davis-copy.tiny.random:v1"
 
 
 def test_a_new_extraction_version_rebuilds(tmp_path: Path, small_davis: Path, monkeypatch: pytest.MonkeyPatch) -> None:
