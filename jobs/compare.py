@@ -15,10 +15,10 @@ import dataclasses
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from decoders import DEFAULT_DECODER, HeadConfig, get_decoder_class, holdout_split
 from decoders.training import build_head
@@ -31,6 +31,9 @@ from jobs.evaluate import evaluate
 from jobs.featurize import build_features, resolve_device
 from jobs.predict import predict_dataset
 from jobs.train import DEFAULT_BUDGET, train_decoders
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 CSV_FILE = "compare.csv"
 PLOT_FILE = "compare.png"
@@ -346,8 +349,12 @@ def pareto_front(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return front
 
 
-def _millions(value: float, _position: int) -> str:
-    return f"{value / 1e6:g}M"
+def _parameters(value: float, _position: int | None = None) -> str:
+    """A parameter count as tick labels and the legend print it: ``300``, ``5k``, ``1.5M``, ``7B``."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:g}{unit}"
+    return f"{value:g}"
 
 
 # One colour per backbone (not red: the budget's, nor orange: the Pareto front's), one marker per head.
@@ -376,16 +383,36 @@ def _write_plot(
     *,
     styles: tuple[dict[str, str], dict[str, str]],
 ) -> None:
-    """Held-out mean IoU against total parameters (log scale), the budget line and the Pareto front.
+    """Save ``plot_figure`` as a PNG, atomically so that a reader never sees half a plot."""
+    figure = plot_figure(rows, dataset, val_clips, budget, styles=styles)
+    scratch = _temporary_sibling(path)
+    try:
+        figure.savefig(scratch, format="png")
+        os.replace(scratch, path)
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+def plot_figure(
+    rows: Sequence[dict[str, Any]],
+    dataset: str,
+    val_clips: Sequence[str],
+    budget: int,
+    *,
+    styles: tuple[dict[str, str], dict[str, str]],
+) -> Figure:
+    """Held-out mean IoU against total parameters (log scale), the budget line and the Pareto front, laid out.
 
     Colour says the backbone and the marker the decoder (``styles``), and each point is labelled with both.
+    Tick labels and the title are fitted to the drawn size, not to a count of characters, so that neither
+    overlaps nor leaves the figure whatever the clip names and the range of sizes.
     """
     # The Figure API, not pyplot: no global backend switch under a caller's notebook or GUI.
     from matplotlib.artist import Artist
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
     figure = Figure(figsize=(8, 5.4), dpi=120)
     canvas = FigureCanvasAgg(figure)
@@ -407,18 +434,18 @@ def _write_plot(
         axes.plot(r["nparams"], 0.0, marker="x", markersize=9, color="tab:red", clip_on=False, zorder=5,
                   transform=axes.get_xaxis_transform())
     axes.axvline(budget, color="tab:red", linestyle="--", linewidth=1,
-                 label=f"budget: {budget / 1e6:g}M parameters")
+                 label=f"budget: {_parameters(budget)} parameters")
     sizes = [r["nparams"] for r in rows] + [budget]
     axes.set_xscale("log")
     axes.set_xlim(min(sizes) / 1.6, max(sizes) * 1.6)
-    axes.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    axes.xaxis.set_major_formatter(FuncFormatter(_millions))
+    axes.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0,)))
+    axes.xaxis.set_major_formatter(FuncFormatter(_parameters))
     axes.xaxis.set_minor_formatter(NullFormatter())
     axes.set_ylim(0, 1.05)
     axes.set_xlabel("parameters, backbone + head (log scale)")
     axes.set_ylabel("mean IoU on held-out clips")
-    clips = ", ".join(val_clips) if len(val_clips) <= 4 else f"{len(val_clips)} clips"
-    axes.set_title(f"{dataset}: held-out mean IoU against model size" + (f" ({clips})" if val_clips else ""))
+    # Laid out with the clips only counted and fitted after (_fit_title), so long names cannot squeeze the axes.
+    title = axes.set_title(next(_headlines(dataset)) + (f"\n{_clip_count(len(val_clips))}" if val_clips else ""))
     axes.grid(True, which="major", alpha=0.3)
     # The legend's columns: backbones by colour, decoders by marker, then the front and the budget line.
     columns: list[list[Artist]] = [
@@ -433,14 +460,92 @@ def _write_plot(
         for key in [*column, *(Line2D([], [], linestyle="none", label=" ") for _ in range(height - len(column)))]
     ]
     axes.legend(handles=keys, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=8.5, frameon=False)
-    figure.tight_layout()  # the axes' final place, so labels can be fitted around the points in it
-    _label_points(axes, canvas.get_renderer(), scored, unscored)
-    scratch = _temporary_sibling(path)
-    try:
-        figure.savefig(scratch, format="png")
-        os.replace(scratch, path)
-    finally:
-        scratch.unlink(missing_ok=True)
+    renderer = canvas.get_renderer()
+    figure.tight_layout()
+    # Ticks fit the laid-out axes, whose width their labels change a little in turn: repeated until both agree.
+    for _ in range(3):
+        ticks = _spaced_ticks(axes, renderer)
+        if list(axes.xaxis.get_majorticklocs()) == ticks:
+            break
+        axes.xaxis.set_major_locator(FixedLocator(ticks))
+        figure.tight_layout()
+    # The axes' final place: the title is centred over it, and labels are fitted around the points in it.
+    _fit_title(title, axes, renderer, dataset, val_clips)
+    _label_points(axes, renderer, scored, unscored)
+    return figure
+
+
+def _headlines(dataset: str) -> Iterator[str]:
+    """The title's first line, longest first: a dataset name too long for the figure is cut short."""
+    what = "held-out mean IoU against model size"
+    yield f"{dataset}: {what}"
+    for keep in range(len(dataset) - 1, 0, -1):
+        yield f"{dataset[:keep]}…: {what}"
+    yield what
+
+
+def _clip_count(count: int) -> str:
+    return f"{count} held-out clip{'' if count == 1 else 's'}"
+
+
+def _clip_lines(clips: Sequence[str]) -> Iterator[str]:
+    """The title's line naming the held-out clips, longest first: as many names as fit, then how many more."""
+    count = _clip_count(len(clips))
+    yield f"{count}: {', '.join(clips)}"
+    for shown in range(len(clips) - 1, 0, -1):
+        yield f"{count}: {', '.join(clips[:shown])}, … and {len(clips) - shown} more"
+    yield count
+
+
+def _fit_title(title: Any, axes: Any, renderer: Any, dataset: str, clips: Sequence[str]) -> None:
+    """Set ``title`` to the longest lines that, centred over ``axes``, stay inside the figure."""
+    figure = axes.get_figure().bbox
+    centre = axes.get_window_extent(renderer).intervalx.mean()
+    pad = title.get_fontsize() * axes.get_figure().dpi / 72 / 2
+    width = 2 * min(centre - figure.x0, figure.x1 - centre) - 2 * pad
+    lines = [_first_fitting(title, renderer, width, _headlines(dataset))]
+    if clips:
+        lines.append(_first_fitting(title, renderer, width, _clip_lines(clips)))
+    title.set_text("\n".join(lines))
+
+
+def _first_fitting(text: Any, renderer: Any, width: float, candidates: Iterable[str]) -> str:
+    """The first of ``candidates`` that ``text`` draws at most ``width`` pixels wide, else the last."""
+    chosen = ""
+    for chosen in candidates:
+        text.set_text(chosen)
+        if text.get_window_extent(renderer).width <= width:
+            break
+    return chosen
+
+
+def _spaced_ticks(axes: Any, renderer: Any) -> list[float]:
+    """The densest major ticks on the log x axis whose labels keep half an em apart.
+
+    Tried in order: 1 to 9 in each decade where the axis spans less than one, 1, 2 and 5 in each decade,
+    then 1 and 3, then each power of ten, then every second, third... power of ten, so that sizes spanning
+    many decades still get a few readable labels.
+    """
+    low, high = axes.get_xlim()
+    first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+    powers = range(first, last + 1)
+    steps = ((1, 2, 3, 4, 5, 6, 7, 8, 9),) if high / low < 10 else ()
+    schemes = [[m * 10.0**p for p in powers for m in subs] for subs in (*steps, (1, 2, 5), (1, 3), (1,))]
+    schemes += [[10.0**p for p in powers if p % stride == 0] for stride in range(2, max(last - first, 2) + 1)]
+    font = axes.xaxis.get_major_ticks(1)[0].label1.get_fontproperties()
+    gap = font.get_size_in_points() * axes.get_figure().dpi / 72 / 2
+    chosen: list[float] = []
+    for scheme in schemes:
+        ticks = [t for t in scheme if low <= t <= high]
+        if not ticks:
+            continue
+        chosen = ticks
+        centres = axes.transData.transform([(t, 0.0) for t in ticks])[:, 0]
+        widths = [renderer.get_text_width_height_descent(_parameters(t), font, ismath=False)[0] for t in ticks]
+        if all(c1 - c0 >= (w0 + w1) / 2 + gap
+               for c0, c1, w0, w1 in zip(centres, centres[1:], widths, widths[1:], strict=False)):
+            break
+    return chosen
 
 
 def _label_points(axes: Any, renderer: Any, scored: Sequence[dict[str, Any]],

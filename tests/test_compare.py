@@ -19,7 +19,7 @@ from featstore.datasets import load_dataset
 from featstore.errors import BackboneError, FeatstoreError
 from featstore.results import read_result_folder
 from featstore.store import Store
-from jobs.compare import COLUMNS, CompareResult, compare_backbones, pareto_front, plot_styles
+from jobs.compare import COLUMNS, CompareResult, compare_backbones, pareto_front, plot_figure, plot_styles
 from jobs.evaluate import evaluate
 
 CLIPS = {"alpha": 4, "beta": 3, "gamma": 4, "delta": 3}
@@ -332,3 +332,39 @@ def test_a_backbone_keeps_its_colour_whatever_the_scores_and_the_other_backbones
     again, markers_again = plot_styles(["tiny@random", "alexnet", "efficientnet_lite0"], ["fpn"])
     assert list(colour) == ["tiny@random", "alexnet"] and len(set(colour.values())) == 2
     assert colour.items() <= again.items() and markers_again["fpn"] == marker["fpn"] != marker["linear"]
+
+
+@pytest.mark.parametrize("clips", [
+    [f"a-rather-long-held-out-clip-name-{i:02d}" for i in range(3)],  # few enough to be listed, too long to fit
+    [f"a-rather-long-held-out-clip-name-{i:02d}" for i in range(12)],
+])
+def test_plot_title_and_size_labels_stay_inside_the_figure_and_apart(clips: list[str]) -> None:
+    sizes = (300, 4_000, 600_000, 3_500_000, 60_000_000)  # from hundreds to tens of millions
+    rows: list[dict[str, Any]] = [
+        {"backbone": f"net{i}", "weights": "random", "decoder": "fpn", "mean_iou": 0.1 * i, "nparams": n}
+        for i, n in enumerate(sizes)]
+    rows[-1]["mean_iou"] = None  # over the budget
+    figure = plot_figure(rows, "davis2016-dev", clips, 50_000_000,
+                         styles=plot_styles([f"net{i}@random" for i in range(len(sizes))], ["fpn"]))
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    (axes,) = figure.axes
+    inside = figure.bbox
+
+    def within(box: Any) -> bool:
+        return bool(inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1)
+
+    title = axes.title
+    assert within(title.get_window_extent(renderer)), title.get_text()
+    headline, named = title.get_text().split("\n")
+    assert headline == "davis2016-dev: held-out mean IoU against model size"
+    assert named.startswith(f"{len(clips)} held-out clips: {clips[0]}")
+    shown = named.split(": ", 1)[1].split(", ")
+    if len(shown) < len(clips):
+        assert shown[-1] == f"… and {len(clips) - len(shown) + 1} more" and shown[:-1] == clips[:len(shown) - 1]
+    labels = [t for t in axes.get_xticklabels() if t.get_visible() and t.get_text()]
+    assert len(labels) >= 4 and {"1k", "1M"} <= {t.get_text() for t in labels}
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    assert all(within(box) for box in boxes), [t.get_text() for t in labels]
+    for (a, box_a), (b, box_b) in itertools.combinations(zip(labels, boxes, strict=True), 2):
+        assert not box_a.overlaps(box_b), (a.get_text(), b.get_text())
