@@ -465,6 +465,7 @@ def featurize_clips(
         raise FeatstoreError(f"these features decode JPEGs with nvJPEG, which needs a GPU; the backbone is on {device}")
     stream = FrameStream(records, batch_size, device, with_masks=dataset.has_annotations, decode_on_device=gpu_decode)
     threads = min(8, max(2, (os.cpu_count() or 2) // 2))
+
     def hand_over(batch: FrameBatch, copy: HostCopy, bar: tqdm) -> None:
         with clock.timing("device"):
             host = copy.arrays()
@@ -637,11 +638,11 @@ def build_features(
         raise FeatstoreError(f"--batch-size {batch_size} must be at least 1")
     # With a scheduler each dask worker resolves the device: the client may have no GPU at all.
     chosen = parse_device(device) if scheduler is not None else resolve_device(device)
+    gpu_decode = choose_gpu_decode(jpeg_decoder, device, chosen)
     if scheduler is not None:
         from jobs.distributed import local_workers  # dask loads only for distributed builds
 
         local_workers(scheduler)
-    gpu_decode = choose_gpu_decode(jpeg_decoder, device, chosen)
     plan, extractor = prepare_build(store, backbone, data, weights=weights, layers=layers, dtype=dtype, seed=seed,
                                     gpu_decode=gpu_decode)
     unmasked = [record for record in plan.dataset.frames if record.annotation is None]
