@@ -50,16 +50,24 @@ print(json.dumps({"outside": outside, "inside": inside, "after": after, "applied
     reason="the setting is glibc's mallopt; elsewhere reuse_freed_memory is a no-op",
 )
 def test_freed_blocks_stay_mapped_inside_and_are_returned_after() -> None:
-    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    probe = json.loads(done.stdout.strip().splitlines()[-1])
     pages = 64 * 2**20 // resource.getpagesize()
-    assert probe["applied"] and probe["nested"]
-    assert probe["still_active"], "a nested block keeps the setting until the outer one ends"
-    assert not probe["active_after"]
-    assert probe["outside"] > pages // 2, "glibc maps a 64 MB block afresh each time by default"
-    assert probe["inside"] < pages // 10
-    assert probe["after"] > pages // 2, "the default is restored when the block ends"
+    inside = []
+    # Up to three fresh interpreters: rarely (in one full CI run; in none of 40 probes run alone) a probe got
+    # its block freshly mapped inside the setting too, every page faulted. A setting that does not apply
+    # fails all three.
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        probe = json.loads(done.stdout.strip().splitlines()[-1])
+        assert probe["applied"] and probe["nested"]
+        assert probe["still_active"], "a nested block keeps the setting until the outer one ends"
+        assert not probe["active_after"]
+        assert probe["outside"] > pages // 2, "glibc maps a 64 MB block afresh each time by default"
+        assert probe["after"] > pages // 2, "the default is restored when the block ends"
+        inside.append(probe["inside"])
+        if probe["inside"] < pages // 10:
+            break
+    assert min(inside) < pages // 10, f"page faults of a reused 64 MB block, per probe: {inside}"
 
 
 def test_disabled_is_a_no_op() -> None:
