@@ -401,23 +401,29 @@ def _header(path: Path | None) -> tuple[tuple[int, int], str] | str | None:
 
 # The last bytes of a whole file: JPEG's end-of-image marker, PNG's IEND chunk type and its CRC.
 _END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
-_TAIL_BYTES = 64
+TAIL_BYTES = 64  # read from a file's end to find its marker, past any zero padding an encoder left
+
+
+def has_end_marker(tail: bytes, image_format: str | None) -> bool:
+    """Whether a file ending in ``tail`` (its last ``TAIL_BYTES``) ends in its format's end marker, zero
+    padding aside; formats other than JPEG and PNG are assumed whole.
+
+    Decoders read a file cut short (a partial copy or download) in different ways: PIL names it, nvJPEG
+    may decode it to garbage, and a header alone passes it.
+    """
+    marker = _END_MARKERS.get(image_format or "")
+    return marker is None or tail.rstrip(b"\x00").endswith(marker)
 
 
 def _ends_with_its_end_marker(path: Path, image_format: str | None) -> bool:
-    """Whether a JPEG or PNG ends in its format's end marker (other formats: assumed whole).
-
-    Headers alone pass a file cut short (a partial copy or download), which would then fail only when a
-    build decodes it; reading the tail catches that for every file at the cost of one small read, and only
-    files without the marker are decoded in full.
-    """
-    marker = _END_MARKERS.get(image_format or "")
-    if marker is None:
+    """``has_end_marker`` of a file on disk: one small read, so only files without the marker are decoded
+    in full when a dataset is checked."""
+    if _END_MARKERS.get(image_format or "") is None:
         return True
     with open(path, "rb") as handle:
         handle.seek(0, os.SEEK_END)
-        handle.seek(max(0, handle.tell() - _TAIL_BYTES))
-        return handle.read().rstrip(b"\x00").endswith(marker)
+        handle.seek(max(0, handle.tell() - TAIL_BYTES))
+        return has_end_marker(handle.read(), image_format)
 
 
 def _check_frame_files(

@@ -24,13 +24,12 @@ import numpy as np
 import torch
 import torchvision.io
 
-from featstore.datasets import FrameRecord, read_frame, read_mask
+from featstore.datasets import TAIL_BYTES, FrameRecord, has_end_marker, read_frame, read_mask
 from featstore.errors import DatasetError
 
 # The preprocessing entry of features whose JPEGs nvJPEG decoded; features without it were decoded by PIL.
 JPEG_DECODER = "jpeg_decoder"
 NVJPEG = "nvjpeg"
-_JPEG_END = b"\xff\xd9"
 
 
 def with_jpeg_decoder(preprocessing: dict[str, Any], on_gpu: bool) -> dict[str, Any]:
@@ -51,8 +50,7 @@ def backbone_preprocessing(preprocessing: dict[str, Any]) -> dict[str, Any]:
 def _complete(encoded: torch.Tensor) -> bool:
     """Whether JPEG bytes end in the end-of-image marker: nvJPEG may decode a truncated file to garbage
     without an error, where PIL names it."""
-    tail = bytes(encoded[-64:].tolist()).rstrip(b"\0")
-    return tail.endswith(_JPEG_END)
+    return has_end_marker(bytes(encoded[-TAIL_BYTES:].tolist()), "JPEG")
 
 
 @dataclass
