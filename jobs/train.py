@@ -160,15 +160,15 @@ def train_decoders(
         train_clips, val_clips = holdout_split(artifact.clips, holdout_fraction, seed)
         split = {"holdout_fraction": holdout_fraction, "seed": seed}
     grid = [c.to_dict() for c in configs]
+    parents = [artifact.record.ref] + ([val_artifact.record.ref] if val_artifact else [])
     # The parents' versions, not only their content, are inputs: a version that --force rebuilt supersedes
     # the old one, so what trains on it again is a new decoder whose lineage names it.
     key = canonical_hash(
         {"features": artifact.record.key, "val": val_artifact.record.key if val_artifact else None, "split": split,
          "grid": grid, "epochs": epochs, "batch_size": batch_size, "seed": seed, "budget": budget,
-         "parents": [artifact.record.ref] + ([val_artifact.record.ref] if val_artifact else [])}
+         "parents": parents}
     )
     name = f"{artifact.record.name}.{'-'.join(dict.fromkeys(decoders))}"
-    parents = [artifact.record.ref] + ([val_artifact.record.ref] if val_artifact else [])
     torch_device = resolve_device(device)
     run_config = {"features": artifact.record.ref, "grid": grid, "epochs": epochs, "batch_size": batch_size,
               "budget": budget, "device": str(torch_device), **split}
