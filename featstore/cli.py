@@ -149,6 +149,7 @@ def cmd_compare(args: argparse.Namespace, store: Store) -> dict[str, Any]:
         out_dir=args.out,
         progress=_progress(args),
         force=args.force,
+        jpeg_decoder=args.jpeg_decoder,
     )
     if not args.json:
         _say(
@@ -316,6 +317,13 @@ def _add_common(parser: argparse.ArgumentParser, *, top_level: bool = False) -> 
     parser.add_argument("--quiet", action="store_true", **unset, help="no progress bars")
 
 
+def _add_jpeg_decoder(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--jpeg-decoder", default="auto", choices=["auto", "pil", "nvjpeg"],
+        help="auto: nvJPEG on a GPU, PIL on the CPU; pil keeps CPU-identical pixels (and cache keys) on a GPU",
+    )
+
+
 def _add_force(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--force",
@@ -404,10 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--batch-size", type=int, default=16)
     build.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     build.add_argument("--seed", type=_seed, default=0, help="seed of --weights random")
-    build.add_argument(
-        "--jpeg-decoder", default="auto", choices=["auto", "pil", "nvjpeg"],
-        help="auto: nvJPEG on a GPU, PIL on the CPU; pil keeps CPU-identical pixels (and cache keys) on a GPU",
-    )
+    _add_jpeg_decoder(build)
     build.add_argument("--scheduler", default=None, help="dask scheduler ADDRESS, or local:N for a LocalCluster")
     build.add_argument("--wandb", action="store_true", help="log the job to Weights & Biases (or FEATSTORE_WANDB=1)")
     _add_force(build)
@@ -470,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seed", type=_seed, default=0, help="seed of the clip split, head initialisation and batches")
     compare.add_argument("--budget", type=_count, default=50_000_000, help="max parameters, backbone plus head; larger models are listed, not trained")
     compare.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _add_jpeg_decoder(compare)
     compare.add_argument("--out", type=Path, default=None, help="folder for compare.csv and compare.png (default: <store>/compare/<dataset>/)")
     _add_force(compare)
     _add_common(compare)

@@ -28,7 +28,7 @@ from featstore.datasets import Dataset, load_dataset
 from featstore.errors import BudgetError, FeatstoreError
 from featstore.store import Store, hidden_sibling
 from jobs.evaluate import evaluate
-from jobs.featurize import build_features, resolve_device
+from jobs.featurize import build_features, choose_gpu_decode, resolve_device
 from jobs.predict import predict_dataset
 from jobs.train import DEFAULT_BUDGET, train_decoders
 
@@ -175,6 +175,7 @@ def compare_backbones(
     out_dir: str | Path | None = None,
     progress: bool = True,
     force: bool = False,
+    jpeg_decoder: str = "auto",
 ) -> CompareResult:
     """Build, train, predict and score each backbone with each head on one clip-level split; write the csv and plot.
 
@@ -183,7 +184,7 @@ def compare_backbones(
     each backbone's features are built once and every head is trained on them as its own decoder, one
     leaderboard row per pair. ``out_dir`` defaults to ``<store>/compare/<dataset name>/``. ``force``
     recomputes every step (build, train, predict) of every pair as new versions instead of reusing
-    committed ones.
+    committed ones. ``jpeg_decoder`` is ``build``'s ``--jpeg-decoder``, for every backbone's features.
     """
     choices = parse_backbones(backbones, weights)
     heads = [HeadConfig(decoder=name) for name in parse_decoders(decoders)]
@@ -191,7 +192,7 @@ def compare_backbones(
         raise FeatstoreError(f"--budget {budget} must be a positive number of parameters")
     if epochs < 1:
         raise FeatstoreError(f"--epochs {epochs} must be at least 1")
-    resolve_device(device)
+    choose_gpu_decode(jpeg_decoder, device, resolve_device(device))  # refused before any backbone is built
     dataset = load_dataset(data, demo_root=store.root / "demo")
     if not dataset.has_annotations:
         raise FeatstoreError(
@@ -221,7 +222,7 @@ def compare_backbones(
             _run_backbone(
                 store, dataset, data, choice, within, holdout_fraction=holdout_fraction, seed=seed, epochs=epochs,
                 batch_size=batch_size, budget=budget, device=device, progress=progress, force=force,
-                announce=len(heads) > 1,
+                announce=len(heads) > 1, jpeg_decoder=jpeg_decoder,
             )
     rows.sort(key=lambda r: -r["mean_iou"] if r["mean_iou"] is not None else math.inf)
     csv_path, plot_path = target / CSV_FILE, target / PLOT_FILE
@@ -279,11 +280,12 @@ def _run_backbone(
     progress: bool,
     force: bool,
     announce: bool,
+    jpeg_decoder: str,
 ) -> None:
     """Build the backbone's features once; then train each row's head on them, predict the held-out clips
     from the stored features and score them, filling in the row."""
     built = build_features(store, choice.name, data, weights=choice.weights, device=device, progress=progress,
-                           force=force)
+                           force=force, jpeg_decoder=jpeg_decoder)
     if built.record.metadata["dataset"]["digest"] != dataset.digest():
         raise FeatstoreError(
             f"{dataset.root}: the dataset's files changed while comparing (features {built.ref} hold other "

@@ -127,6 +127,17 @@ def test_pareto_front_keeps_the_best_score_for_each_size() -> None:
     assert [(r["nparams"], r["mean_iou"]) for r in pareto_front(rows)] == [(10, 0.5), (30, 0.7)]
 
 
+def test_pil_decoding_on_the_cpu_reuses_every_step(compared: Compared, capsys: pytest.CaptureFixture[str]) -> None:
+    before = compared.store.list()
+    args = ["compare", "--data", str(compared.data), "--backbones", ",".join(BACKBONES), "--epochs", "1",
+            "--batch-size", "4", "--device", "cpu", "--jpeg-decoder", "pil", "--out", str(compared.result.csv.parent),
+            "--store", str(compared.store.root), "--json", "--quiet"]
+    assert main(args) == 0
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert all(row["cached"] for row in payload["rows"])
+    assert compared.store.list() == before
+
+
 def test_cli_compare_json_defaults_to_the_store_folder(compared: Compared,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     args = ["compare", "--data", str(compared.data), "--backbones", ",".join(BACKBONES), "--epochs", "1",
@@ -165,6 +176,8 @@ def test_bad_input_is_refused_before_any_work(tmp_path: Path, capsys: pytest.Cap
         compare_backbones(store, data, ["tiny@random"], holdout_fraction=0.9, **FAST)
     with pytest.raises(BackboneError, match="random"):  # tiny has no ImageNet weights: it says to use @random
         compare_backbones(store, data, ["tiny"], **FAST)
+    with pytest.raises(FeatstoreError, match="--jpeg-decoder nvjpeg decodes on a GPU but --device cpu"):
+        compare_backbones(store, data, ["tiny@random"], jpeg_decoder="nvjpeg", **FAST)
     assert store.list() == []
 
     assert main(["compare", "--data", str(tmp_path / "nope"), "--backbones", "tiny@random",
