@@ -77,6 +77,28 @@ def test_validation_features_must_match(tmp_path: Path, tiny_features: tuple[Sto
     assert [r.ref for r in store.list("decoder")] == [result.ref]
 
 
+def test_heads_that_never_predict_foreground_are_kept_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Trained on frames without any foreground, every head learns to predict none and scores 0 on clips with some."""
+    data = write_davis(tmp_path / "empty-masks", {"e0": 3, "e1": 3}, size=(48, 64))
+    for png in sorted(data.glob("Annotations/480p/*/*.png")):
+        Image.new("L", (64, 48), 0).save(png)
+    store = Store(tmp_path / "store")
+    ref = build_features(store, "tiny", data, weights="random", device="cpu", progress=False).ref
+    val_data = write_davis(tmp_path / "val-davis", {"v0": 3}, size=(48, 64), seed=1)
+    val = build_features(store, "tiny", val_data, weights="random", device="cpu", progress=False).ref
+    capsys.readouterr()
+    result = train_decoders(store, ref, val_features=val, decoders=["linear"], lrs=[1e-2, 3e-2], epochs=3,
+                            batch_size=2, device="cpu", progress=False)
+    meta = result.record.metadata
+    assert [h["val_mean_iou"] for h in meta["heads"]] == [0.0, 0.0]
+    lowest = min(meta["heads"], key=lambda h: h["epoch_losses"][-1])
+    err = capsys.readouterr().err
+    assert "warning: every head scored 0 mean IoU on the validation clips" in err
+    assert f"kept {lowest['head']}, the lowest training loss" in err
+
+
 def test_validation_features_decoded_elsewhere_say_so(tmp_path: Path, tiny_features: tuple[Store, str]) -> None:
     """Features whose JPEGs nvJPEG decoded are not the CPU's: the refusal says to build both alike."""
     store, ref = tiny_features
