@@ -187,8 +187,9 @@ def recalibrate_batchnorm(
         m.momentum = None  # cumulative average over every batch of the pass
     was_training = head.training
     head.train()
+    precision = autocast or (lambda: autocast_for(data.device))
     for index in data.batches(batch_size, shuffle=False):
-        with autocast() if autocast is not None else autocast_for(data.device):
+        with precision():
             head.coarse_logits(data.gather(index, head.temporal_window))  # the resize has no statistics
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
@@ -437,8 +438,9 @@ def predict(
     ``autocast``: the precision to run in, by default ``autocast_for`` (a Lightning trainer passes its own).
     """
     decoder.eval()
+    precision = autocast or (lambda: autocast_for(data.device))
     for index in data.batches(batch_size, shuffle=False):
-        with autocast() if autocast is not None else autocast_for(data.device):
+        with precision():
             logits = decoder(data.gather(index, decoder.temporal_window), data.frame_size)
         yield index, torch.sigmoid(logits.float()).squeeze(1)
 

@@ -27,6 +27,7 @@ from featstore.backbones import create_backbone, get_backbone_spec
 from featstore.datasets import Dataset, load_dataset
 from featstore.errors import BudgetError, FeatstoreError
 from featstore.store import Store, hidden_sibling
+from featstore.units import format_bytes
 from jobs.evaluate import evaluate
 from jobs.featurize import build_features, choose_gpu_decode, resolve_device
 from jobs.predict import predict_dataset
@@ -140,7 +141,7 @@ class CompareResult:
                 "budget": ["ok" if r["within_budget"] else "OVER" for r in self.rows],
                 "featurize fps": [_number(r["featurize_fps"], "{:.1f}") for r in self.rows],
                 "train s": [_number(r["train_seconds"], "{:.1f}") for r in self.rows],
-                "store": [_megabytes(r["store_bytes"]) for r in self.rows],
+                "store": ["-" if r["store_bytes"] is None else format_bytes(r["store_bytes"]) for r in self.rows],
             }
         )
         table.index = range(1, len(table) + 1)
@@ -153,10 +154,6 @@ def row_label(row: dict[str, Any]) -> str:
 
 def _number(value: float | None, fmt: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value)
-
-
-def _megabytes(value: int | None) -> str:
-    return "-" if value is None else f"{value / 1e6:.1f} MB"
 
 
 def compare_backbones(
