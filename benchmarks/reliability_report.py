@@ -2,10 +2,12 @@
 
 Runs the drills of ``jobs.fault_drills`` on real builds: SIGKILL of ``featstore build`` at fixed points
 (after the first, middle and last clip, once every clip is done, right after the commit), after a
-random number of staged files (``--kills``) and at random times (``--timed-kills``); concurrent builds
-of the same inputs; deleted and altered chunks; file-size limits that fail the build at different
-points (EFBIG, as a full disk); unwritable store paths; and dask workers killed mid-clip. Prints one row per drill run and the totals to stdout, progress to stderr,
-and exits 1 when any drill did not survive.
+random number of staged files (``--kills``) and at random times (``--timed-kills``); SIGKILL half-way
+through the deletion of a staging folder, after a commit and when ``--force`` discards a stopped build's
+clips (``--discard-kills``); concurrent builds of the same inputs; deleted and altered chunks; file-size
+limits that fail the build at different points (EFBIG, as a full disk); unwritable store paths; and dask
+workers killed mid-clip. Prints one row per drill run and the totals to stdout, progress to stderr, and
+exits 1 when any drill did not survive.
 
     python benchmarks/reliability_report.py                  # 8 clips x 30 frames at 240x320, 12 random kills
     python benchmarks/reliability_report.py --quick          # the test-sized dataset, fewer repetitions
@@ -28,6 +30,7 @@ from pathlib import Path
 
 from jobs.fault_drills import (
     DASK_FULL,
+    DISCARD_POINTS,
     FAST,
     FULL,
     DrillBench,
@@ -38,6 +41,7 @@ from jobs.fault_drills import (
     drill_dask_worker_lost,
     drill_full_disk,
     drill_sigkill,
+    drill_sigkill_in_discard,
     drill_unwritable_store,
     feature_chunk_files,
     run_cli,
@@ -83,6 +87,8 @@ def plan(args: argparse.Namespace, bench: DrillBench, dask_bench: DrillBench | N
     points += [KillPoint(after_files=rng.randint(1, total), of_files=total) for _ in range(args.kills)]
     points += [KillPoint(after_seconds=round(rng.uniform(0.2, build_seconds), 2)) for _ in range(args.timed_kills)]
     runs: list[Callable[[], DrillResult]] = [partial(drill_sigkill, bench, point) for point in points]
+    runs += [partial(drill_sigkill_in_discard, bench, where) for where in DISCARD_POINTS
+             for _ in range(args.discard_kills)]
     runs += [partial(drill_concurrent_builds, bench, n) for n in [2] * args.races + [3]]
     for mode in ("delete", "flip"):
         runs += [partial(drill_damaged_chunk, bench, mode, pick=rng.randrange(1 << 30)) for _ in range(args.damage)]
@@ -130,6 +136,12 @@ def print_table(results: list[DrillResult], header: str) -> None:
           f"{len(visible)} (all after the commit, verified: {all(r.survived for r in visible)}); "
           f"kills that left anything else visible under artifacts/: "
           f"{sum(bool(r.evidence.get('visible_problems_after_kill')) for r in kills)}")
+    discards = [r for r in results if r.name == "sigkill-discard"]
+    if discards:
+        aside = [r for r in discards if r.evidence.get("trash_after_kill")]
+        print(f"kills inside a staging folder's deletion: {len(discards)}; left part-deleted under its live name: "
+              f"{sum(bool(r.evidence.get('part_deleted_live')) for r in discards)}; left renamed aside: "
+              f"{len(aside)}, removed by gc: {sum(r.evidence.get('trash_after_gc') == [] for r in aside)}")
     dask = [r for r in results if r.name == "dask-worker-lost"]
     if dask:
         attempts = ", ".join(f"{r.evidence.get('total_attempts')} for {len(r.evidence.get('attempts', {}))} tasks"
@@ -144,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=None,
                         help="SIGKILLs after a random number of staged files (default 12, quick 4)")
     parser.add_argument("--timed-kills", type=int, default=3, help="SIGKILLs at a random time after start")
+    parser.add_argument("--discard-kills", type=int, default=None,
+                        help="SIGKILLs inside a staging folder's deletion, per point (after the commit, --force; "
+                             "default 2, quick 1)")
     parser.add_argument("--races", type=int, default=2, help="runs of two builds started together")
     parser.add_argument("--damage", type=int, default=3, help="damaged-chunk runs per mode (delete, flip)")
     parser.add_argument("--dask", type=int, default=None, help="dask worker-loss runs (default 2, quick 1; 0 skips)")
@@ -153,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write every result with its evidence here")
     args = parser.parse_args(argv)
     args.kills = args.kills if args.kills is not None else (4 if args.quick else 12)
+    args.discard_kills = args.discard_kills if args.discard_kills is not None else (1 if args.quick else 2)
     args.dask = args.dask if args.dask is not None else (1 if args.quick else 2)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="featstore-drills-"))
     rng = random.Random(args.seed)

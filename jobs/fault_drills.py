@@ -1,10 +1,10 @@
 """Fault drills: real builds on real stores, hit with real faults, checked for what the store promises.
 
 Each drill sets up a dataset and a store in a given folder, injects one fault (SIGKILL of the build
-process, two builds racing, damaged chunks, a full disk, an unwritable store, a lost dask worker),
-checks the outcome against the store's contract, and returns a ``DrillResult``: what was tried,
-whether the build survived, and the evidence. The tests run each drill once; the reliability report
-in ``benchmarks/`` runs them many times and prints the totals.
+process, also inside the deletion of a staging folder, two builds racing, damaged chunks, a full disk,
+an unwritable store, a lost dask worker), checks the outcome against the store's contract, and returns
+a ``DrillResult``: what was tried, whether the build survived, and the evidence. The tests run each
+drill once; the reliability report in ``benchmarks/`` runs them many times and prints the totals.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from PIL import Image
 
 from featstore.errors import StoreError
 from featstore.features import GROUP_DIR, open_features
-from featstore.store import REMOVED_FILE, ArtifactRecord, Store
+from featstore.store import REMOVED_FILE, TRASH_PREFIX, ArtifactRecord, Store
 from jobs.featurize import DONE_DIR, build_features
 
 BACKBONE = "tiny"
@@ -838,3 +838,168 @@ def drill_dask_worker_lost(bench: DrillBench, *, after_chunks: int | None = None
                f"({kill.get('chunk_files')} chunk files written); {evidence['total_attempts']} task attempts for "
                f"{bench.clips} clips; build equal to a local build, verify ok")
     return _finish("dask-worker-lost", "SIGKILL of a dask worker mid-clip", started, failures, details, evidence)
+
+
+# --- drill 6: SIGKILL inside a staging folder's deletion -------------------------------------------
+
+BALLAST_DIR = "ballast"
+DISCARD_POINTS = ("commit", "force")
+
+
+def add_ballast(folder: Path, subfolders: int = 200, links: int = 50) -> int:
+    """Fill ``folder`` with ``subfolders`` x ``links`` hard links to one empty file; returns its entries.
+
+    A test-sized staging folder is deleted in about a millisecond, too fast to catch from outside; a
+    full-size one holds thousands of chunk files. Hard links give ``rmtree`` as many entries to unlink at
+    almost no cost to make, so a kill can land part-way through the deletion.
+    """
+    folder.mkdir(parents=True)
+    seed = folder / "seed"
+    seed.touch()
+    for i in range(subfolders):
+        sub = folder / f"{i:04d}"
+        sub.mkdir()
+        for j in range(links):
+            os.link(seed, sub / f"{j:04d}")
+    return subfolders + 1
+
+
+def ballast_left(store_root: Path) -> dict[str, int]:
+    """Entries left in the ballast of each staging folder, live or renamed aside, by the folder's name."""
+    left = {}
+    for ballast in _glob(store_root, f"staging/*/scratch/{BALLAST_DIR}"):
+        with contextlib.suppress(OSError):  # deleted under the scan
+            left[ballast.parents[1].name] = len(os.listdir(ballast))
+    return left
+
+
+def _trash_folders(store_root: Path) -> list[str]:
+    return sorted(p.name for p in _glob(store_root, f"staging/{TRASH_PREFIX}*") if p.is_dir())
+
+
+def _files_beside_ballast(folder: Path) -> list[str]:
+    """The staged files (markers, chunks) still in a staging folder, its ballast left out."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        if Path(dirpath) == folder / "scratch":
+            dirnames[:] = [name for name in dirnames if name != BALLAST_DIR]
+        files += [os.path.relpath(os.path.join(dirpath, name), folder) for name in filenames]
+    return sorted(files)
+
+
+def drill_sigkill_in_discard(bench: DrillBench, where: str = "commit", *, subfolders: int = 200, links: int = 50,
+                             rerun_in_process: bool = False) -> DrillResult:
+    """SIGKILL `featstore build` half-way through ``discard_staging``'s deletion of a staging folder.
+
+    A build is first stopped mid-way (SIGKILL after half its clips) and ballast added to its staging folder;
+    the next build then deletes that folder, and is killed once half the ballast is gone, wherever the
+    folder is (so a deletion that does not rename aside is caught too): after it resumed and committed
+    (``commit``), or as ``--force`` discards the stopped build's clips (``force``). The
+    folder must be renamed aside, never left part-deleted under its live name, where a later run would
+    resume from it; nothing half-done may be visible; a plain rerun, which resumes from any staging folder
+    it finds, must equal a clean build; and `featstore gc` must delete what was left aside.
+    """
+    if where not in DISCARD_POINTS:
+        raise ValueError(f"where must be one of {DISCARD_POINTS}, not {where!r}")
+    started = time.perf_counter()
+    run_dir = bench.fresh_dir(f"discard-{where}")
+    store_root = run_dir / "store"
+    tried = "SIGKILL in discard_staging " + ("after the commit" if where == "commit"
+                                               else "of stopped clips (--force)")
+    failures: list[str] = []
+    evidence: dict[str, Any] = {"where": where}
+
+    stop = KillPoint(after_clips=max(1, bench.clips // 2))
+    (run_dir / "stopped").mkdir()
+    code, killed, _at = _run_until(featstore_command(bench.build_args(store_root)),
+                                   lambda elapsed: stop.reached(store_root, elapsed), run_dir / "stopped")
+    staged = _glob(store_root, "staging/features-*/scratch")
+    evidence["stopped_build_clips"] = len(done_markers(store_root))
+    if not killed or code != -signal.SIGKILL or len(staged) != 1:
+        failures.append(f"the first build was not stopped mid-way (exit {code}, staging folders {len(staged)})")
+        return _finish("sigkill-discard", tried, started, failures, "", evidence)
+    full = add_ballast(staged[0] / BALLAST_DIR, subfolders, links)
+    evidence["ballast_entries"] = full
+
+    args = [*bench.build_args(store_root), *(["--force"] if where == "force" else [])]
+    (run_dir / "killed").mkdir()
+    def half_deleted(_elapsed: float) -> bool:
+        return any(0 < n <= full // 2 for n in ballast_left(store_root).values())
+
+    code, killed, at = _run_until(featstore_command(args), half_deleted, run_dir / "killed")
+    left = ballast_left(store_root)
+    trash = _trash_folders(store_root)
+    visible = Store(store_root).list("features")
+    evidence.update({
+        "killed": killed, "exit_after_kill": code, "killed_at_s": round(at, 3), "ballast_left": left,
+        "trash_after_kill": trash, "part_deleted_live": sorted(name for name in left if name not in trash),
+        "staged_files_at_kill": {name: _files_beside_ballast(store_root / "staging" / name) for name in left},
+        "visible_after_kill": [r.ref for r in visible], "visible_problems_after_kill": visible_problems(store_root),
+    })
+    if not killed or code != -signal.SIGKILL:
+        failures.append(f"the build was not killed inside the deletion (exit {code})")
+        return _finish("sigkill-discard", tried, started, failures, "", evidence)
+    failures.extend(f"staging folder {name} left part-deleted under its live name ({left[name]} of {full} "
+                    "ballast entries)" for name in evidence["part_deleted_live"])
+    caught = [name for name in trash if 0 < left.get(name, 0) < full]
+    if not caught:
+        failures.append(f"no folder renamed aside was caught part-way through its deletion: {left}")
+    expected_visible = 1 if where == "commit" else 0
+    if len(visible) != expected_visible:
+        failures.append(f"{len(visible)} version(s) visible after the kill, expected {expected_visible}")
+    if evidence["visible_problems_after_kill"]:
+        failures.append("after the kill: " + "; ".join(evidence["visible_problems_after_kill"][:3]))
+
+    if rerun_in_process:
+        rerun_exit, rerun_out, rerun_err = cli_in_process(bench.build_args(store_root))
+    else:
+        rerun = run_cli(bench.build_args(store_root))
+        rerun_exit, rerun_out, rerun_err = rerun.returncode, rerun.stdout, rerun.stderr
+    evidence["rerun_exit"] = rerun_exit
+    evidence["rerun_stderr"] = rerun_err.strip()
+    if rerun_exit != 0:
+        failures.append(f"the rerun exited {rerun_exit}: {rerun_err.strip()[-300:]}")
+        return _finish("sigkill-discard", tried, started, failures, "", evidence)
+    built = last_json(rerun_out)
+    evidence["rerun_cached"] = built.get("cached")
+    reused = built.get("cached") is True and [built.get("ref")] == evidence["visible_after_kill"]
+    if where == "commit" and not reused:
+        failures.append(f"the rerun did not reuse the committed version: {built.get('ref')}, "
+                        f"cached {built.get('cached')}")
+    if where == "force" and (built.get("cached") is not False or "resuming" in rerun_err):
+        failures.append("the rerun did not build every clip afresh after --force discarded the stopped build's")
+    store = Store(store_root)
+    record = store.resolve(built["ref"], type="features")
+    evidence["verify_exit"] = _verify_exit(store_root, record.ref)
+    evidence["versions_after_rerun"] = [r.ref for r in store.list("features")]
+    evidence["visible_problems_after_rerun"] = visible_problems(store_root)
+    evidence["differences"] = feature_differences(bench.reference(), (store, record))
+    if evidence["verify_exit"] != 0:
+        failures.append("`featstore verify` failed after the rerun")
+    if len(evidence["versions_after_rerun"]) != 1:
+        failures.append(f"expected one version, found {evidence['versions_after_rerun']}")
+    if evidence["visible_problems_after_rerun"]:
+        failures.append("after the rerun: " + "; ".join(evidence["visible_problems_after_rerun"][:3]))
+    if evidence["differences"]:
+        failures.append("features differ from a clean build: " + ", ".join(evidence["differences"][:5]))
+
+    gc_exit, gc_out, gc_err = cli_in_process(["gc", "--store", str(store_root), "--json"])
+    removed = [Path(item["path"]).name for item in last_json(gc_out).get("staging", [])] if gc_exit == 0 else []
+    evidence.update({"gc_exit": gc_exit, "gc_removed": removed, "trash_after_gc": _trash_folders(store_root),
+                     "ballast_after_gc": ballast_left(store_root),
+                     "visible_problems_after_gc": visible_problems(store_root)})
+    if gc_exit != 0:
+        failures.append(f"`featstore gc` exited {gc_exit}: {gc_err.strip()[-300:]}")
+    if not set(trash) <= set(removed) or evidence["trash_after_gc"] or evidence["ballast_after_gc"]:
+        failures.append(f"`featstore gc` left {evidence['trash_after_gc'] or evidence['ballast_after_gc']} "
+                        f"(it removed {removed})")
+    if evidence["visible_problems_after_gc"]:
+        failures.append("after gc: " + "; ".join(evidence["visible_problems_after_gc"][:3]))
+
+    where_killed = ", ".join(f"{name} ({left[name]} of {full} ballast entries and "
+                             f"{len(evidence['staged_files_at_kill'][name])} staged files left)" for name in caught)
+    details = (f"killed {at:.2f}s in, inside the deletion of {where_killed or 'nothing renamed aside'}; "
+               f"visible after the kill: {evidence['visible_after_kill'] or 'nothing'}; rerun "
+               f"{'reused the commit' if built.get('cached') else 'built every clip'}, verify ok, equal to a clean "
+               f"build; gc removed {len(removed)} folder(s)")
+    return _finish("sigkill-discard", tried, started, failures, details, evidence)

@@ -22,6 +22,7 @@ from jobs.fault_drills import (
     drill_dask_worker_lost,
     drill_full_disk,
     drill_sigkill,
+    drill_sigkill_in_discard,
     drill_unwritable_store,
     feature_differences,
     visible_problems,
@@ -79,6 +80,24 @@ def test_sigkill_after_a_delay(bench: DrillBench, seconds: float) -> None:
     result = drill_sigkill(bench, KillPoint(after_seconds=seconds))
     assert result.survived, result.details
     assert result.evidence["verify_exit"] == 0 and result.evidence["differences"] == []
+
+
+@pytest.mark.parametrize("where", ["commit", "force"])
+def test_sigkill_inside_a_staging_deletion_leaves_it_renamed_aside_for_gc(bench: DrillBench, where: str) -> None:
+    result = drill_sigkill_in_discard(bench, where, rerun_in_process=True)
+    assert result.survived, result.details
+    evidence = result.evidence
+    assert evidence["killed"] and evidence["exit_after_kill"] == -9
+    assert evidence["part_deleted_live"] == [], "no staging folder is left part-deleted under its live name"
+    (aside,) = evidence["trash_after_kill"]
+    assert 0 < evidence["ballast_left"][aside] < evidence["ballast_entries"], "killed part-way through the deletion"
+    assert evidence["visible_problems_after_kill"] == []
+    assert len(evidence["visible_after_kill"]) == (1 if where == "commit" else 0)
+    assert evidence["rerun_exit"] == 0 and evidence["rerun_cached"] is (where == "commit")
+    assert evidence["verify_exit"] == 0 and evidence["differences"] == []
+    assert evidence["versions_after_rerun"] == [f"{bench.reference()[1].name}:v1"]
+    assert evidence["gc_exit"] == 0 and aside in evidence["gc_removed"]
+    assert evidence["trash_after_gc"] == [] and evidence["ballast_after_gc"] == {}
 
 
 def test_two_builds_started_together_commit_one_version(bench: DrillBench) -> None:
