@@ -146,7 +146,7 @@ def check_memory(
     """
     if available is None:
         return
-    needed = DeviceFeatures.load_nbytes(train, train_clips) + DeviceFeatures.load_nbytes(val, val_clips)
+    needed = DeviceFeatures.load_nbytes(train, train_clips) + (DeviceFeatures.load_nbytes(val, val_clips) if val_clips else 0)
     what = f"loading the features of {train.record.ref}" + (
         f" and --val-features {val.record.ref}" if val.record.ref != train.record.ref else ""
     )

@@ -470,6 +470,9 @@ def evaluate(
     return score.result()
 
 
+DEFAULT_HOLDOUT_FRACTION = 0.25  # of clips held out for validation, in every command and the data module
+
+
 def holdout_split(clips: Sequence[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Split clips (never frames) into sorted (train, val); deterministic for a seed, both sides non-empty."""
     names = sorted(clips)

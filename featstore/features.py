@@ -21,7 +21,8 @@ import zarr
 from zarr.codecs import BloscCodec
 from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 
-from featstore.errors import StoreError
+from featstore.errors import FeatstoreError, StoreError
+from featstore.frame_stream import decodes_on_gpu
 from featstore.store import ArtifactRecord, Store
 
 GROUP_DIR = "features.zarr"
@@ -244,3 +245,19 @@ class FeatureArtifact:
 def open_features(store: Store, ref: str, *, verify: bool = True) -> FeatureArtifact:
     """Open a committed feature artifact by reference (``NAME:vN``, ``NAME:latest`` or ``NAME``)."""
     return FeatureArtifact(store, store.resolve(ref, type="features"), verify=verify)
+
+
+def check_compatible(train: FeatureArtifact, val: FeatureArtifact) -> None:
+    """Refuse validation features computed otherwise than the training features: a head scored on them
+    would be judged on inputs it never saw the like of."""
+    same = ("backbone", "layers", "dtype", "weights_digest", "preprocessing")
+    differing = [k for k in same if train.metadata.get(k) != val.metadata.get(k)]
+    if differing:
+        decoded = decodes_on_gpu(train.metadata.get("preprocessing") or {}) != decodes_on_gpu(
+            val.metadata.get("preprocessing") or {}
+        )
+        raise FeatstoreError(
+            f"--val-features {val.record.ref} differs from --features {train.record.ref} in {', '.join(differing)}: "
+            "build both with the same backbone, weights, layers and dtype"
+            + (", both on a GPU (nvJPEG decodes their JPEGs) or both on the CPU" if decoded else "")
+        )

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from decoders import DEFAULT_DECODER, HeadConfig, get_decoder_class, holdout_split
-from decoders.training import build_head
+from decoders.training import DEFAULT_HOLDOUT_FRACTION, build_head
 from featstore.accounting import check_budget
 from featstore.backbones import create_backbone, get_backbone_spec
 from featstore.datasets import Dataset, load_dataset
@@ -163,7 +163,7 @@ def compare_backbones(
     *,
     decoders: str | Sequence[str] | None = None,
     weights: str = "imagenet",
-    holdout_fraction: float = 0.25,
+    holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION,
     seed: int = 0,
     epochs: int = DEFAULT_EPOCHS,
     batch_size: int = 8,

@@ -6,12 +6,13 @@ batches in one loop. The budget is checked on backbone plus head before any trai
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,15 +27,17 @@ from decoders import (
 )
 from decoders._registry import create_decoder
 from decoders.memory import available_bytes, check_memory
-from decoders.training import build_head, check_disjoint
+from decoders.training import DEFAULT_HOLDOUT_FRACTION, build_head, check_disjoint
 from featstore.accounting import CONTEST_FRAME, check_budget
 from featstore.errors import FeatstoreError
-from featstore.features import FeatureArtifact, open_features
-from featstore.frame_stream import decodes_on_gpu
+from featstore.features import FeatureArtifact, check_compatible, open_features
 from featstore.store import ArtifactRecord, Store, canonical_hash, write_json_atomic
 from featstore.wandb_sync import WandbJob, wandb_requested
 from jobs.featurize import resolve_device
 from jobs.training_curves import PLOT_FILE, write_training_curves
+
+if TYPE_CHECKING:  # Lightning loads only for its users
+    from decoders.lightning import FeatureDataModule, HeadModule
 
 DEFAULT_BUDGET = 50_000_000
 WEIGHTS_FILE = "decoder.pt"
@@ -82,18 +85,16 @@ def contest_feature_sizes(artifact: FeatureArtifact) -> dict[str, tuple[int, int
     return {layer: (int(v.shape[2]), int(v.shape[3])) for layer, v in outputs.items()}
 
 
-def _check_compatible(train: FeatureArtifact, val: FeatureArtifact) -> None:
-    same = ("backbone", "layers", "dtype", "weights_digest", "preprocessing")
-    differing = [k for k in same if train.metadata.get(k) != val.metadata.get(k)]
-    if differing:
-        decoded = decodes_on_gpu(train.metadata.get("preprocessing") or {}) != decodes_on_gpu(
-            val.metadata.get("preprocessing") or {}
-        )
-        raise FeatstoreError(
-            f"--val-features {val.record.ref} differs from --features {train.record.ref} in {', '.join(differing)}: "
-            "build both with the same backbone, weights, layers and dtype"
-            + (", both on a GPU (nvJPEG decodes their JPEGs) or both on the CPU" if decoded else "")
-        )
+def check_head_budget(artifact: FeatureArtifact, decoder: str, nparams_head: int, budget: int) -> None:
+    """Refuse a head whose backbone plus head parameters exceed the budget, naming both counts."""
+    total = artifact.nparams_backbone + nparams_head
+    try:
+        check_budget(total, budget)
+    except FeatstoreError as exc:
+        raise type(exc)(
+            f"{decoder} head: backbone {artifact.nparams_backbone:,} + head {nparams_head:,} = "
+            f"{total:,} parameters exceeds --budget {budget:,}: pick a smaller backbone or head"
+        ) from exc
 
 
 def load_decoder(store: Store, ref: str, device: torch.device | str = "cpu") -> tuple[Decoder, ArtifactRecord]:
@@ -113,7 +114,7 @@ def train_decoders(
     features: str,
     *,
     val_features: str | None = None,
-    holdout_fraction: float = 0.25,
+    holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION,
     seed: int = 0,
     decoders: Sequence[str] | None = None,
     lrs: Sequence[float] = (1e-3,),
@@ -141,18 +142,10 @@ def train_decoders(
     configs = head_grid(decoders, lrs, weight_decays)
     channels, strides = artifact.channels(), artifact.strides()
     for config in configs:
-        head = build_head(config, channels, strides, seed)
-        total = artifact.nparams_backbone + head.nparams
-        try:
-            check_budget(total, budget)
-        except FeatstoreError as exc:
-            raise type(exc)(
-                f"{config.decoder} head: backbone {artifact.nparams_backbone:,} + head {head.nparams:,} = "
-                f"{total:,} parameters exceeds --budget {budget:,}: pick a smaller backbone or head"
-            ) from exc
+        check_head_budget(artifact, config.decoder, build_head(config, channels, strides, seed).nparams, budget)
     val_artifact = open_features(store, val_features) if val_features else None
     if val_artifact is not None:
-        _check_compatible(artifact, val_artifact)
+        check_compatible(artifact, val_artifact)
         train_clips, val_clips = list(artifact.clips), list(val_artifact.clips)
         check_disjoint(artifact.record.ref, train_clips, val_artifact.record.ref, val_clips)
         split: dict[str, Any] = {"val_features": val_artifact.record.ref}
@@ -201,6 +194,50 @@ def train_decoders(
         for epoch in range(epochs):  # the loss curves as W&B charts, one line per head
             job.log_metrics({"epoch": epoch + 1, **{f"train_loss/{h.config.label}": h.epoch_losses[epoch] for h in heads}})
         job.log_metrics({k: v for k, v in record.metadata.items() if isinstance(v, int | float)})
+    return TrainResult(record, cached=False)
+
+
+def commit_head(
+    data: FeatureDataModule, module: HeadModule, *, budget: int = DEFAULT_BUDGET, force: bool = False
+) -> TrainResult:
+    """Commit a head fitted in a Lightning ``Trainer`` as a decoder artifact, as ``featstore train`` commits
+    its best, so that ``featstore predict --decoder REF`` makes contest results from it.
+
+    ``data`` is the module's ``FeatureDataModule`` (made from a ref, set up); its validation clips score
+    the head for the record. The weights are part of the key: committing the same head again is a cache
+    hit, and another fit of it a new artifact.
+    """
+    if data.ref is None:
+        raise FeatstoreError("commit_head needs a FeatureDataModule made from a stored feature artifact "
+                             "(FeatureDataModule(ref, store=...)): the decoder's lineage starts there")
+    data.setup("fit")  # a no-op when the trainer already loaded this split
+    if data.val_features is None:
+        raise FeatstoreError("commit_head scores the head on validation clips for its record, but the data module "
+                             "has none: use holdout_fraction > 0 or val_ref")
+    store = Store(data.store_root)
+    artifact = open_features(store, data.ref)
+    val_artifact = open_features(store, data.val_ref) if data.val_ref else None
+    check_head_budget(artifact, module.config.decoder, module.head.nparams, budget)
+    assert data.train_features is not None
+    split: dict[str, Any] = (
+        {"val_features": val_artifact.record.ref} if val_artifact is not None
+        else {"holdout_fraction": data.holdout_fraction, "seed": data.seed}
+    )
+    parents = [artifact.record.ref] + ([val_artifact.record.ref] if val_artifact else [])
+    weights = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in module.head.state_dict().items()}, weights)
+    key = canonical_hash(
+        {"features": artifact.record.key, "val": val_artifact.record.key if val_artifact else None, "split": split,
+         "head": module.config.to_dict(), "weights": hashlib.sha256(weights.getvalue()).hexdigest(),
+         "parents": parents}
+    )
+    name = f"{artifact.record.name}.{module.config.decoder}"
+    cached = None if force else store.find("decoder", name, key)
+    if cached is not None:
+        return TrainResult(cached, cached=True)
+    trained = module.trained_head(data.val_features)
+    record = _commit(store, name, key, parents, artifact, trained, [trained], list(data.train_features.clips),
+                     list(data.val_features.clips), split, fresh=force)
     return TrainResult(record, cached=False)
 
 

@@ -14,12 +14,12 @@ from PIL import Image
 from decoders import DeviceFeatures, evaluate
 from featstore.cli import main
 from featstore.errors import BudgetError, FeatstoreError
-from featstore.features import FeatureArtifact, open_features
+from featstore.features import FeatureArtifact, check_compatible, open_features
 from featstore.frame_stream import with_jpeg_decoder
 from featstore.store import Store
 from jobs.featurize import build_features
 from jobs.predict import predict_dataset
-from jobs.train import _check_compatible, load_decoder, train_decoders
+from jobs.train import load_decoder, train_decoders
 
 
 @pytest.fixture
@@ -109,8 +109,8 @@ def test_validation_features_decoded_elsewhere_say_so(tmp_path: Path, tiny_featu
         val.record, metadata={**meta, "preprocessing": with_jpeg_decoder(meta["preprocessing"], on_gpu=True)}
     )
     with pytest.raises(FeatstoreError, match=r"in preprocessing: .*both on a GPU \(nvJPEG decodes their JPEGs\)"):
-        _check_compatible(open_features(store, ref), FeatureArtifact(store, on_gpu))
-    _check_compatible(open_features(store, ref), open_features(store, val.ref))
+        check_compatible(open_features(store, ref), FeatureArtifact(store, on_gpu))
+    check_compatible(open_features(store, ref), open_features(store, val.ref))
 
 
 def test_cli_train_json(tiny_features: tuple[Store, str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,197 @@
+"""A Lightning user's workflow on a stored artifact: fit, checkpoint, reload, predict, commit, `featstore predict`."""
+
+from __future__ import annotations
+
+import copy
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import write_davis
+
+from decoders import HeadConfig
+from decoders.lightning import FeatureDataModule, HeadModule
+from decoders.training import DEFAULT_HOLDOUT_FRACTION, recalibrate_batchnorm
+from featstore.cli import build_parser
+from featstore.errors import FeatstoreError
+from featstore.store import Store
+from jobs.featurize import build_features
+from jobs.predict import predict_dataset
+from jobs.train import commit_head, load_decoder, train_decoders
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lightning_train.py"
+CLIPS = {"alpha": 6, "beta": 5, "gamma": 6, "delta": 5}
+LINEAR = HeadConfig("linear", lr=1e-2, weight_decay=1e-4)
+FPN = HeadConfig("fpn", lr=3e-3, options={"width": 16})
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, str, Path]:
+    root = tmp_path_factory.mktemp("lightning")
+    data = write_davis(root / "davis", CLIPS, seed=3)
+    store = Store(root / "store")
+    ref = build_features(store, "tiny", data, weights="random", batch_size=4, device="cpu", progress=False).ref
+    return store, ref, root
+
+
+def _trainer(epochs: int, **options: object) -> pl.Trainer:
+    settings: dict[str, object] = {
+        "max_epochs": epochs, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
+        "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
+    }
+    return pl.Trainer(**{**settings, **options})  # type: ignore[arg-type]
+
+
+def test_a_head_fitted_in_lightning_takes_the_steps_featstore_train_takes(built: tuple[Store, str, Path]) -> None:
+    store, ref, _ = built
+    data = FeatureDataModule(ref, store=store.root, batch_size=4, seed=0)
+    module = HeadModule(LINEAR, data.channels, data.strides, seed=0)  # sizes from the record, before setup
+    _trainer(2).fit(module, datamodule=data)
+    trained = train_decoders(store, ref, decoders=["linear"], lrs=[LINEAR.lr], weight_decays=[LINEAR.weight_decay],
+                             epochs=2, batch_size=4, seed=0, device="cpu", progress=False)
+    reference, record = load_decoder(store, trained.ref)
+    meta = record.metadata
+    assert data.val_features is not None and list(data.val_features.clips) == meta["val_clips"]
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(module.head.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert module.val_scores is not None and set(module.val_scores.per_clip) == set(meta["val_clips"])
+    assert module.val_scores.mean_iou == pytest.approx(meta["val_mean_iou"], abs=1e-6)
+    assert module.epoch_losses == pytest.approx(meta["heads"][0]["epoch_losses"], rel=1e-5)
+
+
+def test_checkpoint_reload_prediction_and_commit_as_a_decoder(built: tuple[Store, str, Path]) -> None:
+    store, ref, root = built
+    data = FeatureDataModule(ref, store=store.root, batch_size=4, seed=1)
+    module = HeadModule.for_features(FPN.to_dict(), data, seed=0)
+    trainer = _trainer(2)
+    trainer.fit(module, datamodule=data)
+    checkpoint = root / "fpn.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    reloaded = HeadModule.load_from_checkpoint(checkpoint)
+    assert reloaded.config == FPN
+    assert len(module.epoch_losses) == 2 and reloaded.epoch_losses == module.epoch_losses
+    assert reloaded.train_seconds == module.train_seconds > 0 and reloaded.train_frames == module.train_frames
+    for name, value in module.head.state_dict().items():
+        assert torch.equal(reloaded.head.state_dict()[name], value), name
+
+    assert data.val_features is not None
+    batches = _trainer(1).predict(reloaded, datamodule=data)
+    assert batches is not None
+    index = torch.cat([b["index"] for b in batches])  # type: ignore[index]
+    assert index.tolist() == list(range(len(data.val_features)))
+    probabilities = torch.cat([b["probabilities"] for b in batches])  # type: ignore[index]
+    assert probabilities.shape == (len(data.val_features), *data.val_features.frame_size)
+    assert [c for b in batches for c in b["clips"]] == [  # type: ignore[index]
+        data.val_features.clips[i] for i in data.val_features.clip_ids.tolist()]
+
+    committed = commit_head(data, module)
+    meta = committed.record.metadata
+    assert not committed.cached and committed.record.parents == (ref,)
+    assert meta["head"] == FPN.to_dict() and meta["val_clips"] == list(data.val_features.clips)
+    assert meta["nparams"] == meta["nparams_backbone"] + module.head.nparams
+    assert meta["val_mean_iou"] == pytest.approx(module.evaluate(data.val_features).mean_iou)
+    assert meta["heads"][0]["epoch_losses"] == pytest.approx(module.epoch_losses)
+    assert store.verify(committed.record) == []
+    assert commit_head(data, module).cached, "the same weights again are the same artifact"
+    decoder, _ = load_decoder(store, committed.ref)
+    for name, value in module.head.state_dict().items():
+        assert torch.equal(decoder.state_dict()[name], value.cpu()), name
+
+    result = predict_dataset(store, committed.ref, root / "davis", device="cpu", progress=False)
+    assert result.record.parents[0] == committed.ref
+    assert len(list((result.out / "outputs").glob("*.png"))) == sum(CLIPS.values())
+
+
+def test_without_validation_batchnorm_is_still_recalibrated_after_training(built: tuple[Store, str, Path]) -> None:
+    store, ref, _ = built
+    data = FeatureDataModule(ref, store=store.root, holdout_fraction=0.0, batch_size=4)
+    module = HeadModule.for_features(FPN, data)
+    _trainer(1).fit(module, datamodule=data)
+    assert data.val_features is None and data.train_features is not None
+    assert sorted(data.train_features.clips) == sorted(CLIPS), "holdout 0 trains on every clip"
+    expected = copy.deepcopy(module.head)
+    recalibrate_batchnorm(expected, data.train_features, batch_size=4)
+    norms = [name for name, m in module.head.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms
+    for name, value in expected.state_dict().items():
+        if "running" in name:
+            torch.testing.assert_close(module.head.state_dict()[name], value, msg=name)
+    with pytest.raises(FeatstoreError, match="has none: use holdout_fraction > 0 or val_ref"):
+        commit_head(data, module)
+
+
+def test_setup_follows_a_changed_split(built: tuple[Store, str, Path]) -> None:
+    store, ref, _ = built
+    data = FeatureDataModule(ref, store=store.root, batch_size=4, seed=0)
+    data.setup("fit")
+    assert data.val_features is not None
+    first = data.val_features.clips
+    data.setup("fit")
+    assert data.val_features.clips == first, "set up once per split"
+    data.holdout_fraction = 0.5
+    data.setup("fit")
+    assert len(data.val_features.clips) == 2 and set(data.val_features.clips).isdisjoint(data.train_features.clips)
+
+
+def test_data_module_refuses_what_featstore_train_refuses(built: tuple[Store, str, Path]) -> None:
+    store, ref, root = built
+    other = write_davis(root / "other", {"omega": 3, "sigma": 3}, seed=4)
+    reseeded = build_features(store, "tiny", other, weights="random", seed=5, device="cpu", progress=False).ref
+    with pytest.raises(FeatstoreError, match=f"--val-features {reseeded} differs from --features {ref} in .*weights_digest"):
+        FeatureDataModule(ref, store=store.root, val_ref=reseeded).setup("fit")
+    with pytest.raises(FeatstoreError, match=r"holdout_fraction 1\.0 must be in \[0, 1\)"):
+        FeatureDataModule(ref, store=store.root, holdout_fraction=1.0)
+    if not torch.cuda.is_available():
+        with pytest.raises(FeatstoreError, match="device 'cuda' asks for CUDA but torch sees no GPU"):
+            FeatureDataModule(ref, store=store.root, device="cuda")
+
+
+def test_loaders_without_their_data_module_say_to_pass_it(built: tuple[Store, str, Path]) -> None:
+    store, ref, _ = built
+    data = FeatureDataModule(ref, store=store.root, batch_size=4)
+    data.setup("fit")
+    module = HeadModule("linear", data.channels, data.strides)
+    with pytest.raises(FeatstoreError, match=r"trainer\.fit\(module, datamodule=data\)"):
+        _trainer(1).fit(module, train_dataloaders=data.train_dataloader())
+
+
+def test_predict_features_need_no_masks_and_must_match(built: tuple[Store, str, Path]) -> None:
+    store, ref, root = built
+    unlabelled = write_davis(root / "test-set", {"kappa": 4}, masks=False, seed=6)
+    test_ref = build_features(store, "tiny", unlabelled, weights="random", device="cpu", progress=False).ref
+    data = FeatureDataModule(ref, store=store.root, predict_ref=test_ref, batch_size=3)
+    module = HeadModule.for_features(LINEAR, data)
+    batches = _trainer(1).predict(module, datamodule=data)
+    assert batches is not None
+    assert sum(len(b["clips"]) for b in batches) == 4 and {c for b in batches for c in b["clips"]} == {"kappa"}  # type: ignore[index]
+
+
+def test_every_entry_point_holds_out_the_same_fraction_by_default() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["train", "--features", "x"]).holdout_fraction == DEFAULT_HOLDOUT_FRACTION
+    assert parser.parse_args(["compare", "--backbones", "x"]).holdout_fraction == DEFAULT_HOLDOUT_FRACTION
+    assert FeatureDataModule("x").holdout_fraction == DEFAULT_HOLDOUT_FRACTION
+
+
+def test_the_lightning_example_commits_a_decoder_with_its_curve(built: tuple[Store, str, Path], tmp_path: Path) -> None:
+    store, ref, _ = built
+    run = subprocess.run(
+        [sys.executable, str(EXAMPLE), ref, "--store", str(store.root), "--decoder", "linear", "--lr", "1e-2", "3e-2",
+         "--epochs", "2", "--logs", str(tmp_path / "logs")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    scores = [float(s) for s in re.findall(r"best val_iou ([0-9.]+)", run.stdout)]
+    assert len(scores) == 2
+    committed = re.search(r"decoder (\S+): val mean IoU ([0-9.]+)", run.stdout)
+    assert committed is not None, run.stdout
+    record = store.resolve(committed.group(1), type="decoder")
+    meta = record.metadata
+    assert meta["val_mean_iou"] == pytest.approx(max(scores), abs=1e-4), "the best checkpoint is what was committed"
+    assert len(meta["heads"][0]["epoch_losses"]) >= 1, "the checkpoint carried the fit's loss curve"
+    assert record.parents == (ref,) and store.verify(record) == []
+    assert len(list((tmp_path / "logs").glob("linear-lr*/version_0/metrics.csv"))) == 2
