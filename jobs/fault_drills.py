@@ -289,6 +289,25 @@ def _verify_exit(store_root: Path, ref: str) -> int:
     return code
 
 
+def _check_rerun(bench: DrillBench, store_root: Path, ref: str, evidence: dict[str, Any], failures: list[str]) -> None:
+    """After a rerun: its version verifies, is the only one, nothing half-done is visible, and it equals a
+    clean build, array for array. Adds what it saw to ``evidence`` and what broke to ``failures``."""
+    store = Store(store_root)
+    record = store.resolve(ref, type="features")
+    evidence["verify_exit"] = _verify_exit(store_root, record.ref)
+    evidence["versions_after_rerun"] = [r.ref for r in store.list("features")]
+    evidence["visible_problems_after_rerun"] = visible_problems(store_root)
+    evidence["differences"] = feature_differences(bench.reference(), (store, record))
+    if evidence["verify_exit"] != 0:
+        failures.append("`featstore verify` failed after the rerun")
+    if len(evidence["versions_after_rerun"]) != 1:
+        failures.append(f"expected one version, found {evidence['versions_after_rerun']}")
+    if evidence["visible_problems_after_rerun"]:
+        failures.append("after the rerun: " + "; ".join(evidence["visible_problems_after_rerun"][:3]))
+    if evidence["differences"]:
+        failures.append("features differ from a clean build: " + ", ".join(evidence["differences"][:5]))
+
+
 def _finish(name: str, tried: str, started: float, failures: list[str], details: str,
             evidence: dict[str, Any]) -> DrillResult:
     text = details if not failures else f"{details}; FAILED: {'; '.join(failures)}"
@@ -427,20 +446,7 @@ def drill_sigkill(
     elif not finished and "resuming" in rerun_err:
         failures.append("the rerun reported resuming although no clip had finished")
 
-    store = Store(store_root)
-    record = store.resolve(built["ref"], type="features")
-    evidence["verify_exit"] = _verify_exit(store_root, record.ref)
-    evidence["versions_after_rerun"] = [r.ref for r in store.list("features")]
-    evidence["visible_problems_after_rerun"] = visible_problems(store_root)
-    evidence["differences"] = feature_differences(bench.reference(), (store, record))
-    if evidence["verify_exit"] != 0:
-        failures.append("`featstore verify` failed on the resumed build")
-    if len(evidence["versions_after_rerun"]) != 1:
-        failures.append(f"expected one version, found {evidence['versions_after_rerun']}")
-    if evidence["visible_problems_after_rerun"]:
-        failures.append("after the rerun: " + "; ".join(evidence["visible_problems_after_rerun"][:3]))
-    if evidence["differences"]:
-        failures.append("features differ from a clean build: " + ", ".join(evidence["differences"][:5]))
+    _check_rerun(bench, store_root, built["ref"], evidence, failures)
     if removed:
         rerun_did = "built every clip again"
     elif built.get("cached"):
@@ -968,20 +974,7 @@ def drill_sigkill_in_discard(bench: DrillBench, where: str = "commit", *, subfol
                         f"cached {built.get('cached')}")
     if where == "force" and (built.get("cached") is not False or "resuming" in rerun_err):
         failures.append("the rerun did not build every clip afresh after --force discarded the stopped build's")
-    store = Store(store_root)
-    record = store.resolve(built["ref"], type="features")
-    evidence["verify_exit"] = _verify_exit(store_root, record.ref)
-    evidence["versions_after_rerun"] = [r.ref for r in store.list("features")]
-    evidence["visible_problems_after_rerun"] = visible_problems(store_root)
-    evidence["differences"] = feature_differences(bench.reference(), (store, record))
-    if evidence["verify_exit"] != 0:
-        failures.append("`featstore verify` failed after the rerun")
-    if len(evidence["versions_after_rerun"]) != 1:
-        failures.append(f"expected one version, found {evidence['versions_after_rerun']}")
-    if evidence["visible_problems_after_rerun"]:
-        failures.append("after the rerun: " + "; ".join(evidence["visible_problems_after_rerun"][:3]))
-    if evidence["differences"]:
-        failures.append("features differ from a clean build: " + ", ".join(evidence["differences"][:5]))
+    _check_rerun(bench, store_root, built["ref"], evidence, failures)
 
     gc_exit, gc_out, gc_err = cli_in_process(["gc", "--store", str(store_root), "--json"])
     removed = [Path(item["path"]).name for item in last_json(gc_out).get("staging", [])] if gc_exit == 0 else []
