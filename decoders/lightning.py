@@ -121,7 +121,8 @@ class FeatureDataModule(pl.LightningDataModule):
         self.batch_size, self.seed, self.temporal_window = batch_size, seed, temporal_window
         self.train_features, self.val_features = train, val
         self.predict_features: DeviceFeatures | None = None
-        self._loaded: tuple[Any, ...] | None = None  # what setup loaded for: device and split
+        self._loaded: tuple[Any, ...] | None = None  # what setup loaded for: source, device and split
+        self.loaded_ref: str | None = None  # the versioned ref of the training features setup loaded
 
     def _open(self, ref: str, verify: bool, *, masks: bool = True) -> Any:
         from featstore.features import open_features
@@ -175,7 +176,7 @@ class FeatureDataModule(pl.LightningDataModule):
         from featstore.features import check_compatible
 
         device = self._target_device()
-        wanted = (device, self.val_ref, self.predict_ref, self.holdout_fraction, self.seed)
+        wanted = (self.ref, self.store_root, device, self.val_ref, self.predict_ref, self.holdout_fraction, self.seed)
         if self._loaded == wanted:
             return
         self.train_features = self.val_features = self.predict_features = None  # free the old before loading
@@ -199,7 +200,7 @@ class FeatureDataModule(pl.LightningDataModule):
             predict_artifact = self._open(self.predict_ref, verify=False, masks=False)
             check_compatible(artifact, predict_artifact)
             self.predict_features = DeviceFeatures.from_artifact(predict_artifact, None, device, require_masks=False)
-        self._loaded = wanted
+        self._loaded, self.loaded_ref = wanted, artifact.record.ref
 
     def _loader(self, split: str, data: DeviceFeatures, shuffle: bool) -> DataLoader[Any]:
         def collate(indices: list[int]) -> dict[str, Any]:
@@ -291,7 +292,10 @@ class HeadModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.config = as_head_config(config)
-        self.head = build_head(self.config, channels, strides, seed)
+        # Channels-last, the layout of DeviceFeatures and of train_heads' heads: convolutions then sum in
+        # the same order, so the two paths end with the same weights.
+        self.head = build_head(self.config, channels, strides, seed).to(memory_format=torch.channels_last)
+        self.trained_on: str | None = None  # the feature artifact the last fit read, by versioned ref
         self.save_hyperparameters(
             {"config": self.config.to_dict(), "channels": channels, "strides": strides, "seed": seed}
         )
@@ -343,8 +347,14 @@ class HeadModule(pl.LightningModule):
         return data if isinstance(data, FeatureDataModule) else None
 
     def on_train_start(self) -> None:
-        """What the figures of this fit count from: ``trained_head`` reports the last fit."""
+        """What the figures of this fit count from: ``trained_head`` reports the last fit.
+
+        A new Trainer counts steps from 0 again, so an earlier fit's recalibration says nothing about this one.
+        """
         self.epoch_losses, self.train_frames, self._started = [], 0, time.perf_counter()
+        self._calibrated_at = None
+        data = self._datamodule()
+        self.trained_on = data.loaded_ref if data is not None else None
 
     def on_train_epoch_start(self) -> None:
         self._epoch_sum, self._epoch_frames = None, 0
@@ -452,7 +462,16 @@ class HeadModule(pl.LightningModule):
             curve.append(float(self._epoch_sum) / self._epoch_frames)
         seconds = time.perf_counter() - self._started if self._started else self.train_seconds
         checkpoint["featstore"] = {"epoch_losses": curve, "train_seconds": seconds, "train_frames": self.train_frames,
-                                   "final_loss": curve[-1] if curve else self.final_loss}
+                                   "final_loss": curve[-1] if curve else self.final_loss,
+                                   "trained_on": self.trained_on}
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            # Without a validation at this step the running statistics lag the weights: recompute them, and
+            # write them over the state Lightning collected before calling this hook.
+            self._recalibrate()
+            state = checkpoint.get("state_dict", {})
+            for name, value in self.head.state_dict().items():
+                if f"head.{name}" in state:
+                    state[f"head.{name}"] = value
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         figures = checkpoint.get("featstore", {})
@@ -460,6 +479,7 @@ class HeadModule(pl.LightningModule):
         self.train_seconds = float(figures.get("train_seconds", 0.0))
         self.train_frames = int(figures.get("train_frames", 0))
         self.final_loss = float(figures.get("final_loss", float("nan")))
+        self.trained_on = figures.get("trained_on")
 
     def trained_head(self, val: DeviceFeatures | None) -> TrainedHead:
         """A copy of this head as ``train_heads`` reports one, scored on ``val`` on its device: what

@@ -2,7 +2,7 @@
 
     featstore build --backbone efficientnet_lite0                  # features of the demo dataset
     python examples/lightning_train.py demo.efficientnet_lite0.imagenet
-    featstore predict --decoder <the printed ref> --data demo      # a contest result from it
+    featstore predict --decoder <the printed ref> --data ~/.featstore/demo   # a contest result from it
 
 The data module splits clips as `featstore train` does and holds the features on the trainer's device;
 with the same seed and batch size a head fitted here takes the steps a `featstore train` head takes.
@@ -37,7 +37,8 @@ def main() -> None:
     best: tuple[float, str, HeadModule] | None = None
     for lr in args.lr:  # one module is one head: a grid is a loop over Trainers, the features load once
         module = HeadModule(HeadConfig(args.decoder, lr=lr), data.channels, data.strides, seed=0)
-        checkpoint = ModelCheckpoint(dirpath=f"{logs}/{args.decoder}-lr{lr:g}", monitor="val_iou", mode="max")
+        checkpoint = ModelCheckpoint(dirpath=f"{logs}/checkpoints/{args.decoder}-lr{lr:g}", monitor="val_iou",
+                                     mode="max")
         trainer = pl.Trainer(max_epochs=args.epochs, accelerator="auto", log_every_n_steps=5,
                              logger=CSVLogger(logs, name=f"{args.decoder}-lr{lr:g}"), callbacks=[checkpoint],
                              enable_progress_bar=False, enable_model_summary=False)

@@ -257,7 +257,7 @@ def check_compatible(train: FeatureArtifact, val: FeatureArtifact) -> None:
             val.metadata.get("preprocessing") or {}
         )
         raise FeatstoreError(
-            f"--val-features {val.record.ref} differs from --features {train.record.ref} in {', '.join(differing)}: "
-            "build both with the same backbone, weights, layers and dtype"
+            f"features {val.record.ref} differ from the training features {train.record.ref} in "
+            f"{', '.join(differing)}: build both with the same backbone, weights, layers and dtype"
             + (", both on a GPU (nvJPEG decodes their JPEGs) or both on the CPU" if decoded else "")
         )

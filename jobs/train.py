@@ -216,6 +216,11 @@ def commit_head(
                              "has none: use holdout_fraction > 0 or val_ref")
     store = Store(data.store_root)
     artifact = open_features(store, data.ref)
+    if module.trained_on is not None and module.trained_on != artifact.record.ref:
+        raise FeatstoreError(
+            f"the head was fitted on features {module.trained_on} but the data module holds {artifact.record.ref}: "
+            "commit it with the data module it was fitted with, whose features are its lineage"
+        )
     val_artifact = open_features(store, data.val_ref) if data.val_ref else None
     check_head_budget(artifact, module.config.decoder, module.head.nparams, budget)
     assert data.train_features is not None

@@ -12,6 +12,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import write_davis
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from decoders import HeadConfig
 from decoders.lightning import FeatureDataModule, HeadModule
@@ -46,13 +47,16 @@ def _trainer(epochs: int, **options: object) -> pl.Trainer:
     return pl.Trainer(**{**settings, **options})  # type: ignore[arg-type]
 
 
-def test_a_head_fitted_in_lightning_takes_the_steps_featstore_train_takes(built: tuple[Store, str, Path]) -> None:
+@pytest.mark.parametrize("config", [LINEAR, HeadConfig("fpn", lr=3e-3)], ids=["linear", "fpn"])
+def test_a_head_fitted_in_lightning_takes_the_steps_featstore_train_takes(
+    built: tuple[Store, str, Path], config: HeadConfig
+) -> None:
     store, ref, _ = built
     data = FeatureDataModule(ref, store=store.root, batch_size=4, seed=0)
-    module = HeadModule(LINEAR, data.channels, data.strides, seed=0)  # sizes from the record, before setup
+    module = HeadModule(config, data.channels, data.strides, seed=0)  # sizes from the record, before setup
     _trainer(2).fit(module, datamodule=data)
-    trained = train_decoders(store, ref, decoders=["linear"], lrs=[LINEAR.lr], weight_decays=[LINEAR.weight_decay],
-                             epochs=2, batch_size=4, seed=0, device="cpu", progress=False)
+    trained = train_decoders(store, ref, decoders=[config.decoder], lrs=[config.lr], epochs=2, batch_size=4,
+                             weight_decays=[config.weight_decay], seed=0, device="cpu", progress=False)
     reference, record = load_decoder(store, trained.ref)
     meta = record.metadata
     assert data.val_features is not None and list(data.val_features.clips) == meta["val_clips"]
@@ -106,22 +110,43 @@ def test_checkpoint_reload_prediction_and_commit_as_a_decoder(built: tuple[Store
     assert len(list((result.out / "outputs").glob("*.png"))) == sum(CLIPS.values())
 
 
-def test_without_validation_batchnorm_is_still_recalibrated_after_training(built: tuple[Store, str, Path]) -> None:
+def _assert_exact_statistics(head: torch.nn.Module, saved: dict[str, torch.Tensor], data: FeatureDataModule) -> None:
+    """``saved`` holds the BatchNorm statistics a recalibration of ``head`` over the training frames gives."""
+    assert data.train_features is not None
+    expected = copy.deepcopy(head)
+    recalibrate_batchnorm(expected, data.train_features, batch_size=data.batch_size)
+    running = [name for name in expected.state_dict() if "running" in name]
+    assert running
+    for name in running:
+        torch.testing.assert_close(saved[name], expected.state_dict()[name], msg=name)
+
+
+def test_without_validation_batchnorm_is_still_recalibrated(built: tuple[Store, str, Path], tmp_path: Path) -> None:
     store, ref, _ = built
     data = FeatureDataModule(ref, store=store.root, holdout_fraction=0.0, batch_size=4)
     module = HeadModule.for_features(FPN, data)
-    _trainer(1).fit(module, datamodule=data)
-    assert data.val_features is None and data.train_features is not None
-    assert sorted(data.train_features.clips) == sorted(CLIPS), "holdout 0 trains on every clip"
-    expected = copy.deepcopy(module.head)
-    recalibrate_batchnorm(expected, data.train_features, batch_size=4)
-    norms = [name for name, m in module.head.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert norms
-    for name, value in expected.state_dict().items():
-        if "running" in name:
-            torch.testing.assert_close(module.head.state_dict()[name], value, msg=name)
+    for _ in range(2):  # a second Trainer counts its steps from 0 again
+        last = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
+        _trainer(1, enable_checkpointing=True, callbacks=[last]).fit(module, datamodule=data)
+        assert data.val_features is None and data.train_features is not None
+        assert sorted(data.train_features.clips) == sorted(CLIPS), "holdout 0 trains on every clip"
+        _assert_exact_statistics(module.head, module.head.state_dict(), data)
+        saved = torch.load(last.last_model_path, map_location="cpu", weights_only=False)["state_dict"]
+        _assert_exact_statistics(module.head, {k.removeprefix("head."): v for k, v in saved.items()}, data)
     with pytest.raises(FeatstoreError, match="has none: use holdout_fraction > 0 or val_ref"):
         commit_head(data, module)
+
+
+def test_a_head_is_committed_only_with_the_features_it_was_fitted_on(built: tuple[Store, str, Path]) -> None:
+    store, ref, root = built
+    data = FeatureDataModule(ref, store=store.root, batch_size=4)
+    module = HeadModule.for_features(LINEAR, data)
+    _trainer(1).fit(module, datamodule=data)
+    assert module.trained_on == ref
+    other = write_davis(root / "lookalike", {"rho": 3, "tau": 3}, seed=7)
+    lookalike = build_features(store, "tiny", other, weights="random", device="cpu", progress=False).ref
+    with pytest.raises(FeatstoreError, match=f"fitted on features {ref} but the data module holds {lookalike}"):
+        commit_head(FeatureDataModule(lookalike, store=store.root, batch_size=4), module)
 
 
 def test_setup_follows_a_changed_split(built: tuple[Store, str, Path]) -> None:
@@ -141,7 +166,7 @@ def test_data_module_refuses_what_featstore_train_refuses(built: tuple[Store, st
     store, ref, root = built
     other = write_davis(root / "other", {"omega": 3, "sigma": 3}, seed=4)
     reseeded = build_features(store, "tiny", other, weights="random", seed=5, device="cpu", progress=False).ref
-    with pytest.raises(FeatstoreError, match=f"--val-features {reseeded} differs from --features {ref} in .*weights_digest"):
+    with pytest.raises(FeatstoreError, match=f"features {reseeded} differ from the training features {ref} in .*weights_digest"):
         FeatureDataModule(ref, store=store.root, val_ref=reseeded).setup("fit")
     with pytest.raises(FeatstoreError, match=r"holdout_fraction 1\.0 must be in \[0, 1\)"):
         FeatureDataModule(ref, store=store.root, holdout_fraction=1.0)
