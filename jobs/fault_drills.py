@@ -289,6 +289,18 @@ def _verify_exit(store_root: Path, ref: str) -> int:
     return code
 
 
+def _rerun(bench: DrillBench, store_root: Path, in_process: bool, evidence: dict[str, Any]) -> tuple[int, str, str]:
+    """The same build again, as a user reruns it after a kill: exit code, stdout, stderr (kept in ``evidence``)."""
+    if in_process:
+        code, out, err = cli_in_process(bench.build_args(store_root))
+    else:
+        rerun = run_cli(bench.build_args(store_root))
+        code, out, err = rerun.returncode, rerun.stdout, rerun.stderr
+    evidence["rerun_exit"] = code
+    evidence["rerun_stderr"] = err.strip()
+    return code, out, err
+
+
 def _check_rerun(bench: DrillBench, store_root: Path, ref: str, evidence: dict[str, Any], failures: list[str]) -> None:
     """After a rerun: its version verifies, is the only one, nothing half-done is visible, and it equals a
     clean build, array for array. Adds what it saw to ``evidence`` and what broke to ``failures``."""
@@ -421,13 +433,7 @@ def drill_sigkill(
             return _finish("sigkill", f"SIGKILL {point.describe()}, then rm", started, failures, moment, evidence)
         moment += ", then removed with rm"
 
-    if rerun_in_process:
-        rerun_exit, rerun_out, rerun_err = cli_in_process(bench.build_args(store_root))
-    else:
-        rerun = run_cli(bench.build_args(store_root))
-        rerun_exit, rerun_out, rerun_err = rerun.returncode, rerun.stdout, rerun.stderr
-    evidence["rerun_exit"] = rerun_exit
-    evidence["rerun_stderr"] = rerun_err.strip()
+    rerun_exit, rerun_out, rerun_err = _rerun(bench, store_root, rerun_in_process, evidence)
     if rerun_exit != 0:
         failures.append(f"the rerun exited {rerun_exit}: {rerun_err.strip()[-300:]}")
         return _finish("sigkill", f"SIGKILL {point.describe()}", started, failures, moment, evidence)
@@ -956,13 +962,7 @@ def drill_sigkill_in_discard(bench: DrillBench, where: str = "commit", *, subfol
     if evidence["visible_problems_after_kill"]:
         failures.append("after the kill: " + "; ".join(evidence["visible_problems_after_kill"][:3]))
 
-    if rerun_in_process:
-        rerun_exit, rerun_out, rerun_err = cli_in_process(bench.build_args(store_root))
-    else:
-        rerun = run_cli(bench.build_args(store_root))
-        rerun_exit, rerun_out, rerun_err = rerun.returncode, rerun.stdout, rerun.stderr
-    evidence["rerun_exit"] = rerun_exit
-    evidence["rerun_stderr"] = rerun_err.strip()
+    rerun_exit, rerun_out, rerun_err = _rerun(bench, store_root, rerun_in_process, evidence)
     if rerun_exit != 0:
         failures.append(f"the rerun exited {rerun_exit}: {rerun_err.strip()[-300:]}")
         return _finish("sigkill-discard", tried, started, failures, "", evidence)
