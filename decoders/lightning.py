@@ -138,18 +138,20 @@ class FeatureDataModule(pl.LightningDataModule):
     @property
     def channels(self) -> dict[str, int]:
         """Channels per layer, known before ``setup`` (from the artifact's record) to build a head with."""
-        if self.train_features is not None:
-            return dict(self.train_features.channels)
-        assert self.ref is not None
-        return dict(self._open(self.ref, verify=False).channels())
+        return self._layer_sizes()[0]
 
     @property
     def strides(self) -> dict[str, int]:
         """Strides per layer, known before ``setup``, as ``channels``."""
+        return self._layer_sizes()[1]
+
+    def _layer_sizes(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Channels and strides of the loaded training features or, before ``setup``, of the artifact's record."""
         if self.train_features is not None:
-            return dict(self.train_features.strides)
+            return dict(self.train_features.channels), dict(self.train_features.strides)
         assert self.ref is not None
-        return dict(self._open(self.ref, verify=False).strides())
+        artifact = self._open(self.ref, verify=False)
+        return dict(artifact.channels()), dict(artifact.strides())
 
     def prepare_data(self) -> None:
         """Disk only: open the artifacts and check every file against its manifest."""
@@ -230,9 +232,10 @@ class FeatureDataModule(pl.LightningDataModule):
         return self._loader("predict", data, shuffle=False)
 
     def _split(self, split: str) -> DeviceFeatures:
-        data = {"train": self.train_features, "val": self.val_features}.get(split)
         if split == "predict":
             data = self.predict_features if self.predict_features is not None else self.val_features
+        else:
+            data = self.train_features if split == "train" else self.val_features
         if data is None:
             raise FeatstoreError(
                 f"FeatureDataModule has no {split} features loaded: "
@@ -352,12 +355,10 @@ class HeadModule(pl.LightningModule):
         A new Trainer counts steps from 0 again, so an earlier fit's recalibration says nothing about this one.
         """
         self.epoch_losses, self.train_frames, self._started = [], 0, time.perf_counter()
+        self._epoch_sum, self._epoch_frames = None, 0  # an interrupted fit may have left an epoch open
         self._calibrated_at = None
         data = self._datamodule()
         self.trained_on = data.loaded_ref if data is not None else None
-
-    def on_train_epoch_start(self) -> None:
-        self._epoch_sum, self._epoch_frames = None, 0
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         logits = self._logits(batch, full_size=False)
@@ -370,9 +371,12 @@ class HeadModule(pl.LightningModule):
         self.train_frames += frames
         return loss
 
+    def _open_epoch_loss(self) -> list[float]:
+        """The loss per frame of the epoch being trained, once it has steps; read from the device here."""
+        return [float(self._epoch_sum) / self._epoch_frames] if self._epoch_sum is not None and self._epoch_frames else []
+
     def on_train_epoch_end(self) -> None:
-        if self._epoch_sum is not None and self._epoch_frames:
-            self.epoch_losses.append(float(self._epoch_sum) / self._epoch_frames)
+        self.epoch_losses += self._open_epoch_loss()
         self._epoch_sum, self._epoch_frames = None, 0
 
     def on_train_end(self) -> None:
@@ -406,8 +410,12 @@ class HeadModule(pl.LightningModule):
         if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             self._recalibrate()
 
+    def _probabilities(self, batch: dict[str, Any]) -> Tensor:
+        """Foreground probabilities ``(B, H, W)`` at the frame's size, in float32."""
+        return torch.sigmoid(self._logits(batch).float()).squeeze(1)
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        prob = torch.sigmoid(self._logits(batch).float()).squeeze(1)
+        prob = self._probabilities(batch)
         intersection, union = iou_terms(prob, batch["masks"])
         self._val_terms.append((batch["clip_ids"], intersection, union))
         self._val_clips = batch["clips"]
@@ -427,10 +435,9 @@ class HeadModule(pl.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Frame indices, their clips and foreground probabilities ``(B, H, W)`` at the frame's size."""
-        prob = torch.sigmoid(self._logits(batch).float()).squeeze(1)
         clips = batch["clips"]
         return {"index": batch["index"], "clips": [clips[i] for i in batch["clip_ids"].tolist()],
-                "probabilities": prob}
+                "probabilities": self._probabilities(batch)}
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(
@@ -457,9 +464,7 @@ class HeadModule(pl.LightningModule):
 
         A checkpoint taken at validation comes before ``on_train_epoch_end``: the epoch it closes counts.
         """
-        curve = list(self.epoch_losses)
-        if self._epoch_sum is not None and self._epoch_frames:
-            curve.append(float(self._epoch_sum) / self._epoch_frames)
+        curve = self.epoch_losses + self._open_epoch_loss()
         seconds = time.perf_counter() - self._started if self._started else self.train_seconds
         checkpoint["featstore"] = {"epoch_losses": curve, "train_seconds": seconds, "train_frames": self.train_frames,
                                    "final_loss": curve[-1] if curve else self.final_loss,

@@ -146,7 +146,9 @@ def check_memory(
     """
     if available is None:
         return
-    needed = DeviceFeatures.load_nbytes(train, train_clips) + (DeviceFeatures.load_nbytes(val, val_clips) if val_clips else 0)
+    needed = DeviceFeatures.load_nbytes(train, train_clips)
+    if val_clips:  # none when training on every clip
+        needed += DeviceFeatures.load_nbytes(val, val_clips)
     what = f"loading the features of {train.record.ref}" + (
         f" and --val-features {val.record.ref}" if val.record.ref != train.record.ref else ""
     )

@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 from conftest import write_davis
 from pytorch_lightning.callbacks import ModelCheckpoint
+from synthetic_features import synthetic_features
 
 from decoders import HeadConfig
 from decoders.lightning import FeatureDataModule, HeadModule
@@ -173,6 +174,14 @@ def test_data_module_refuses_what_featstore_train_refuses(built: tuple[Store, st
     if not torch.cuda.is_available():
         with pytest.raises(FeatstoreError, match="device 'cuda' asks for CUDA but torch sees no GPU"):
             FeatureDataModule(ref, store=store.root, device="cuda")
+    in_memory = synthetic_features({"a": 4, "b": 4}, seed=1)
+    with pytest.raises(FeatstoreError, match="predict_ref needs ref"):
+        FeatureDataModule(train=in_memory, predict_ref=ref)
+    with pytest.raises(FeatstoreError, match=r"commit_head needs a FeatureDataModule made from a stored feature artifact"):
+        commit_head(FeatureDataModule(train=in_memory), HeadModule.for_features(LINEAR, in_memory))
+    everything = FeatureDataModule(ref, store=store.root, holdout_fraction=0.0)
+    with pytest.raises(FeatstoreError, match=r"no predict features loaded: pass predict_ref, or keep clips for validation"):
+        _trainer(1).predict(HeadModule.for_features(LINEAR, everything), datamodule=everything)
 
 
 def test_loaders_without_their_data_module_say_to_pass_it(built: tuple[Store, str, Path]) -> None:
