@@ -259,6 +259,27 @@ class FeatureDataModule(pl.LightningDataModule):
         }
 
 
+class HostMemoryWhileFitting(pl.Callback):
+    """Keeps freed host memory mapped while a CPU fit runs, and gives it back however the fit ends.
+
+    A callback, not the module's ``setup``/``teardown``: Lightning skips a module's ``teardown`` when
+    fitting raises, and the process would keep the setting; callbacks hear of the exception.
+    """
+
+    def __init__(self) -> None:
+        self._held = ExitStack()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._held.enter_context(reuse_freed_memory(trainer.strategy.root_device.type == "cpu"))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._held.close()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._held.close()
+
+
 def as_head_config(config: HeadConfig | Mapping[str, Any] | str) -> HeadConfig:
     """A ``HeadConfig`` from itself, its ``to_dict()`` (as checkpoints hold it) or a decoder name."""
     if isinstance(config, HeadConfig):
@@ -305,7 +326,6 @@ class HeadModule(pl.LightningModule):
         self._val_terms: list[tuple[Tensor, Tensor, Tensor]] = []
         self._val_clips: tuple[str, ...] = ()
         self.val_scores: Scores | None = None
-        self._host_memory = ExitStack()
         self._calibrated_at: int | None = None  # global step of the last BatchNorm recalibration
         self._epoch_sum: Tensor | None = None
         self._epoch_frames = 0
@@ -315,14 +335,9 @@ class HeadModule(pl.LightningModule):
         self.train_frames = 0
         self.final_loss = float("nan")
 
-    def setup(self, stage: str) -> None:
-        """Fitting on the CPU keeps freed host memory mapped, as ``train_heads`` does."""
-        if stage == "fit":
-            on_cpu = self.trainer.strategy.root_device.type == "cpu"
-            self._host_memory.enter_context(reuse_freed_memory(on_cpu))
-
-    def teardown(self, stage: str) -> None:
-        self._host_memory.close()
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Fitting on the CPU keeps freed host memory mapped, as ``train_heads`` does (``HostMemoryWhileFitting``)."""
+        return [HostMemoryWhileFitting()]
 
     @classmethod
     def for_features(

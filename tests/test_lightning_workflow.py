@@ -15,7 +15,7 @@ from conftest import write_davis
 from pytorch_lightning.callbacks import ModelCheckpoint
 from synthetic_features import synthetic_features
 
-from decoders import HeadConfig
+from decoders import HeadConfig, host_allocator
 from decoders.lightning import FeatureDataModule, HeadModule
 from decoders.training import DEFAULT_HOLDOUT_FRACTION, recalibrate_batchnorm
 from featstore.cli import build_parser
@@ -191,6 +191,7 @@ def test_loaders_without_their_data_module_say_to_pass_it(built: tuple[Store, st
     module = HeadModule("linear", data.channels, data.strides)
     with pytest.raises(FeatstoreError, match=r"trainer\.fit\(module, datamodule=data\)"):
         _trainer(1).fit(module, train_dataloaders=data.train_dataloader())
+    assert not host_allocator.is_active(), "a fit that failed gives freed host memory back too"
 
 
 def test_predict_features_need_no_masks_and_must_match(built: tuple[Store, str, Path]) -> None:
