@@ -116,12 +116,18 @@ class Decoder(nn.Module):
         """FLOPs of one frame's ``coarse_logits``, counted by ``torch.utils.flop_counter``.
 
         The closing resize to the frame is left out: it has no weights, and its count would describe how
-        it is computed (two matmuls here, four taps in ``F.interpolate``), not the head.
+        it is computed (two matmuls here, four taps in ``F.interpolate``), not the head. Counted in eval
+        mode: in train mode the zero inputs would move BatchNorm's running statistics.
         """
         from featstore.accounting import count_flops
 
-        with torch.no_grad():
-            return int(count_flops(self.coarse_logits, self.example_features(feature_sizes)))
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return int(count_flops(self.coarse_logits, self.example_features(feature_sizes)))
+        finally:
+            self.train(was_training)
 
     def inputs(self, features: dict[str, Tensor]) -> list[Tensor]:
         """This head's layers, finest first, as the dtype of its weights unless autocast picks one."""

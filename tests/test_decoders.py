@@ -88,6 +88,19 @@ def test_flops_are_counted(name: str) -> None:
     assert head.nflops(SIZES) >= linear.nflops(SIZES) > 0
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_counting_flops_leaves_batchnorm_statistics_and_mode_alone(training: bool) -> None:
+    head = create_decoder("fpn", CHANNELS, STRIDES, norm="batch")
+    for name, buffer in head.named_buffers():
+        if "running" in name:
+            buffer.normal_()  # statistics a training pass left, which zero inputs would pull away
+    head.train(training)
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    assert head.nflops(SIZES) > 0
+    torch.testing.assert_close(head.state_dict(), before)
+    assert head.training is training
+
+
 def _input_gradients(head: Decoder) -> dict[str, float]:
     features = {k: v.requires_grad_() for k, v in head.example_features(SIZES).items()}
     for v in features.values():
