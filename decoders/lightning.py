@@ -190,8 +190,6 @@ class FeatureDataModule(pl.LightningDataModule):
             check_compatible(artifact, val_artifact)
             val_clips = list(val_artifact.clips)
             check_disjoint(artifact.record.ref, train_clips, val_artifact.record.ref, val_clips)
-        elif self.holdout_fraction == 0.0:
-            train_clips, val_clips = list(artifact.clips), []
         else:
             train_clips, val_clips = holdout_split(artifact.clips, self.holdout_fraction, self.seed)
         check_memory(artifact, train_clips, val_artifact, val_clips, device, available_bytes(device))

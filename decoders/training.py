@@ -474,12 +474,19 @@ DEFAULT_HOLDOUT_FRACTION = 0.25  # of clips held out for validation, in every co
 
 
 def holdout_split(clips: Sequence[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Split clips (never frames) into sorted (train, val); deterministic for a seed, both sides non-empty."""
+    """Split clips (never frames) into sorted (train, val); deterministic for a seed, training never empty.
+
+    A fraction of 0 trains on every clip and validates on none: the final fit of a setting chosen on a split.
+    """
     names = sorted(clips)
     if len(set(names)) != len(names):
         raise FeatstoreError(f"clip names must be unique for a holdout split, got {list(clips)}")
-    if not 0.0 < fraction < 1.0:
-        raise FeatstoreError(f"--holdout-fraction {fraction} must be between 0 and 1 (exclusive)")
+    if not 0.0 <= fraction < 1.0:
+        raise FeatstoreError(
+            f"--holdout-fraction {fraction} must be at least 0 and below 1 (0 trains on every clip, unvalidated)"
+        )
+    if fraction == 0.0:
+        return names, []
     n_val = max(1, round(fraction * len(names)))
     if n_val >= len(names):
         raise FeatstoreError(

@@ -92,7 +92,9 @@ def cmd_train(args: argparse.Namespace, store: Store) -> dict[str, Any]:
         _say(
             f"decoder           {result.ref}{'  (cached: nothing trained)' if result.cached else ''}",
             f"best head         {out['head']['decoder']} lr={out['head']['lr']:g} of {len(out['heads'])} trained",
-            f"val mean IoU      {out['val_mean_iou']:.4f}   (J {out['val_j_mean']:.4f}) on {', '.join(out['val_clips'])}",
+            f"val mean IoU      {out['val_mean_iou']:.4f}   (J {out['val_j_mean']:.4f}) on {', '.join(out['val_clips'])}"
+            if out["val_mean_iou"] is not None
+            else f"val mean IoU      - (trained on all {len(out['train_clips'])} clips: --holdout-fraction 0)",
             f"nparams           {out['nparams']:,} = backbone {out['nparams_backbone']:,} + head {out['nparams_head']:,}",
             f"nflops            {out['nflops']:,}",
             f"train frames/s    {out['train_frames_per_s']:.1f}",
@@ -423,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--features", required=True, help="feature artifact REF to train on")
     split = train.add_mutually_exclusive_group()
     split.add_argument("--val-features", default=None, help="feature artifact REF of the validation clips")
-    split.add_argument("--holdout-fraction", type=float, default=0.25, help="fraction of clips held out (default 0.25)")
+    split.add_argument("--holdout-fraction", type=float, default=0.25, help="fraction of clips held out (default 0.25); 0 trains one setting on every clip, unvalidated")
     train.add_argument("--seed", type=_seed, default=0, help="seed of the clip split, head initialisation and batches")
     train.add_argument("--decoder", type=_csv, default=None, help="head(s), comma-separated: linear, conv, fpn, temporal (default: fpn, the recommended head)")
     train.add_argument("--lr", type=_floats, default=[1e-3], help="learning rate(s), comma-separated: one head each")

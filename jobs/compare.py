@@ -189,6 +189,9 @@ def compare_backbones(
         raise FeatstoreError(f"--budget {budget} must be a positive number of parameters")
     if epochs < 1:
         raise FeatstoreError(f"--epochs {epochs} must be at least 1")
+    if holdout_fraction == 0.0:
+        raise FeatstoreError("compare --holdout-fraction 0 leaves no clip to score the leaderboard on: "
+                             "hold out a fraction above 0 (default 0.25)")
     choose_gpu_decode(jpeg_decoder, device, resolve_device(device))  # refused before any backbone is built
     dataset = load_dataset(data, demo_root=store.root / "demo")
     if not dataset.has_annotations:

@@ -152,6 +152,11 @@ def train_decoders(
     else:
         train_clips, val_clips = holdout_split(artifact.clips, holdout_fraction, seed)
         split = {"holdout_fraction": holdout_fraction, "seed": seed}
+    if not val_clips and len(configs) > 1:
+        raise FeatstoreError(
+            f"--holdout-fraction 0 trains on every clip, which leaves no clip to choose among {len(configs)} heads: "
+            "choose the setting on a split first, then train that one decoder and learning rate on every clip"
+        )
     grid = [c.to_dict() for c in configs]
     parents = [artifact.record.ref] + ([val_artifact.record.ref] if val_artifact else [])
     # The parents' versions, not only their content, are inputs: a version that --force rebuilt supersedes
@@ -176,14 +181,16 @@ def train_decoders(
         val_source = val_artifact or artifact
         check_memory(artifact, train_clips, val_source, val_clips, torch_device, available_bytes(torch_device))
         train = DeviceFeatures.from_artifact(artifact, train_clips, torch_device)
-        val = DeviceFeatures.from_artifact(val_source, val_clips, torch_device)
+        val = DeviceFeatures.from_artifact(val_source, val_clips, torch_device) if val_clips else None
+        validating = (f"validating on {len(val)} frames of {len(val_clips)} clip(s)" if val is not None
+                      else "validating on none (--holdout-fraction 0)")
         print(
             f"featstore: training {len(configs)} head(s) on {len(train)} frames of {len(train_clips)} clip(s), "
-            f"validating on {len(val)} frames of {len(val_clips)} clip(s), {train.nbytes / 1e6:.0f} MB on {torch_device}",
+            f"{validating}, {train.nbytes / 1e6:.0f} MB on {torch_device}",
             file=sys.stderr,
         )
         heads = train_heads(train, val, configs, epochs=epochs, batch_size=batch_size, seed=seed, progress=progress)
-        best = best_head(heads)
+        best = best_head(heads) if val is not None else heads[0]
         if best.val is not None and best.val.mean_iou == 0.0:
             print(f"featstore: warning: every head scored 0 mean IoU on the validation clips (no predicted "
                   f"foreground overlaps a mask); kept {best.config.label}, the lowest training loss among them: "
@@ -203,17 +210,14 @@ def commit_head(
     """Commit a head fitted in a Lightning ``Trainer`` as a decoder artifact, as ``featstore train`` commits
     its best, so that ``featstore predict --decoder REF`` makes contest results from it.
 
-    ``data`` is the module's ``FeatureDataModule`` (made from a ref, set up); its validation clips score
-    the head for the record. The weights are part of the key: committing the same head again is a cache
-    hit, and another fit of it a new artifact.
+    ``data`` is the module's ``FeatureDataModule`` (made from a ref, set up); its validation clips, if any,
+    score the head for the record. The weights are part of the key: committing the same head again is a
+    cache hit, and another fit of it a new artifact.
     """
     if data.ref is None:
         raise FeatstoreError("commit_head needs a FeatureDataModule made from a stored feature artifact "
                              "(FeatureDataModule(ref, store=...)): the decoder's lineage starts there")
     data.setup("fit")  # a no-op when the trainer already loaded this split
-    if data.val_features is None:
-        raise FeatstoreError("commit_head scores the head on validation clips for its record, but the data module "
-                             "has none: use holdout_fraction > 0 or val_ref")
     store = Store(data.store_root)
     artifact = open_features(store, data.ref)
     if module.trained_on is not None and module.trained_on != artifact.record.ref:
@@ -241,8 +245,9 @@ def commit_head(
     if cached is not None:
         return TrainResult(cached, cached=True)
     trained = module.trained_head(data.val_features)
+    val_clips = list(data.val_features.clips) if data.val_features is not None else []
     record = _commit(store, name, key, parents, artifact, trained, [trained], list(data.train_features.clips),
-                     list(data.val_features.clips), split, fresh=force)
+                     val_clips, split, fresh=force)
     return TrainResult(record, cached=False)
 
 
@@ -265,7 +270,6 @@ def _commit(
     sizes = contest_feature_sizes(artifact)
     nflops_head = decoder.nflops(sizes)
     nparams_head = decoder.nparams
-    assert best.val is not None
     metadata = {
         "features": artifact.record.ref,
         "backbone": artifact.backbone,
@@ -284,9 +288,9 @@ def _commit(
         "nflops": artifact.nflops_backbone + nflops_head,
         "train_frames_per_s": best.train_frames_per_s,
         "train_seconds": sum(h.train_seconds for h in heads),
-        "val_mean_iou": best.val.mean_iou,
-        "val_j_mean": best.val.j_mean,
-        "val_per_clip": dict(best.val.per_clip),
+        "val_mean_iou": best.val.mean_iou if best.val is not None else None,  # None: trained on every clip
+        "val_j_mean": best.val.j_mean if best.val is not None else None,
+        "val_per_clip": dict(best.val.per_clip) if best.val is not None else None,
         "train_clips": train_clips,
         "val_clips": val_clips,
         "split": split,

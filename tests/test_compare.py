@@ -174,6 +174,8 @@ def test_bad_input_is_refused_before_any_work(tmp_path: Path, capsys: pytest.Cap
         compare_backbones(store, unannotated, ["tiny@random"], **FAST)
     with pytest.raises(FeatstoreError, match=r"--holdout-fraction 0\.9"):
         compare_backbones(store, data, ["tiny@random"], holdout_fraction=0.9, **FAST)
+    with pytest.raises(FeatstoreError, match=r"--holdout-fraction 0 leaves no clip to score the leaderboard on"):
+        compare_backbones(store, data, ["tiny@random"], holdout_fraction=0.0, **FAST)
     with pytest.raises(BackboneError, match="random"):  # tiny has no ImageNet weights: it says to use @random
         compare_backbones(store, data, ["tiny"], **FAST)
     with pytest.raises(FeatstoreError, match="--jpeg-decoder nvjpeg decodes on a GPU but --device cpu"):

@@ -134,8 +134,12 @@ def test_without_validation_batchnorm_is_still_recalibrated(built: tuple[Store, 
         _assert_exact_statistics(module.head, module.head.state_dict(), data)
         saved = torch.load(last.last_model_path, map_location="cpu", weights_only=False)["state_dict"]
         _assert_exact_statistics(module.head, {k.removeprefix("head."): v for k, v in saved.items()}, data)
-    with pytest.raises(FeatstoreError, match="has none: use holdout_fraction > 0 or val_ref"):
-        commit_head(data, module)
+    committed = commit_head(data, module)
+    meta = committed.record.metadata
+    assert meta["val_clips"] == [] and meta["val_mean_iou"] is None, "a head fitted on every clip is unvalidated"
+    assert sorted(meta["train_clips"]) == sorted(CLIPS)
+    decoder, _ = load_decoder(store, committed.ref)
+    torch.testing.assert_close(decoder.state_dict(), {k: v.cpu() for k, v in module.head.state_dict().items()})
 
 
 def test_a_head_is_committed_only_with_the_features_it_was_fitted_on(built: tuple[Store, str, Path]) -> None:

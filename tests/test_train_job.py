@@ -133,6 +133,32 @@ def test_cli_train_json(tiny_features: tuple[Store, str], capsys: pytest.Capture
     assert "no features artifact named 'nope'" in capsys.readouterr().err
 
 
+def test_holdout_fraction_zero_trains_one_setting_on_every_clip(
+    tmp_path: Path, tiny_features: tuple[Store, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, ref = tiny_features
+    with pytest.raises(FeatstoreError, match=r"no clip to choose among 2 heads: choose the setting on a split first"):
+        train_decoders(store, ref, holdout_fraction=0.0, lrs=[1e-3, 1e-2], device="cpu", progress=False)
+    assert store.list("decoder") == [], "refused before training"
+    code = main(["train", "--features", ref, "--store", str(store.root), "--holdout-fraction", "0", "--decoder",
+                 "linear", "--epochs", "2", "--batch-size", "4", "--device", "cpu", "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "val mean IoU      - (trained on all 4 clips: --holdout-fraction 0)" in captured.out
+    assert "validating on none (--holdout-fraction 0)" in captured.err
+    (record,) = store.list("decoder")
+    meta = record.metadata
+    assert meta["train_clips"] == sorted(open_features(store, ref).clips) and meta["val_clips"] == []
+    assert meta["val_mean_iou"] is None and meta["val_j_mean"] is None and meta["val_per_clip"] is None
+    assert meta["split"] == {"holdout_fraction": 0.0, "seed": 0}
+    assert store.verify(record) == []
+    split = train_decoders(store, ref, decoders=["linear"], epochs=2, batch_size=4, device="cpu", progress=False)
+    assert split.ref != record.ref, "another split is another decoder"
+    unlabelled = write_davis(tmp_path / "test-phase", {"new0": 3}, size=(48, 64), masks=False, seed=5)
+    result = predict_dataset(store, record.ref, unlabelled, device="cpu", progress=False)
+    assert result.record.metadata["lineage"]["decoder"] == record.ref
+
+
 def test_training_again_is_a_cache_hit_unless_forced(tiny_features: tuple[Store, str]) -> None:
     store, ref = tiny_features
     options = {"decoders": ["linear"], "epochs": 1, "batch_size": 4, "device": "cpu", "progress": False}

@@ -305,10 +305,11 @@ def test_holdout_split_separates_clips_deterministically() -> None:
     assert holdout_split(list(reversed(clips)), 0.3, seed=0) == (train, val)
     assert any(holdout_split(clips, 0.3, seed=s)[1] != val for s in range(1, 5))
     assert holdout_split(["a", "b"], 0.01, seed=0)[1] != []  # at least one clip validates
+    assert holdout_split(list(reversed(clips)), 0.0, seed=3) == (clips, []), "0 trains on every clip"
 
 
 @pytest.mark.parametrize(
-    ("clips", "fraction"), [(["a"], 0.5), (["a", "b"], 0.9), (["a", "b"], 0.0), (["a", "b"], 1.0)]
+    ("clips", "fraction"), [(["a"], 0.5), (["a", "b"], 0.9), (["a", "b"], -0.1), (["a", "b"], 1.0)]
 )
 def test_holdout_split_refuses_impossible_fractions(clips: list[str], fraction: float) -> None:
     with pytest.raises(FeatstoreError, match="holdout-fraction"):
