@@ -145,12 +145,13 @@ def _mean_or_empty(ious: list[float]) -> float:
 def probability_to_u8(p: torch.Tensor) -> torch.Tensor:
     """The 8-bit value a probability is written as in a result PNG: round(255 * p), clipped to 0..255.
 
-    Computed in float32 (float64 stays float64) whatever the input dtype, and rounded half-to-even, so the
-    training-loop score and the written PNGs agree bit for bit. NaN becomes 0 (background).
+    Computed in float64, where 255 * p is exact for float32, float16 and bfloat16 input (a float32 product
+    rounds some k + 0.5 + e down to k + 0.5, and then to the even neighbour), and rounded half-to-even, so
+    the training-loop score and the written PNGs agree bit for bit. NaN becomes 0 (background).
     """
     import torch
 
-    p = p if p.dtype == torch.float64 else p.to(torch.float32)
+    p = p.to(torch.float64)
     values = torch.round(torch.nan_to_num(p, nan=0.0) * 255.0).clamp_(0, 255)
     return values.to(torch.uint8)
 

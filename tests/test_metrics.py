@@ -162,6 +162,17 @@ def test_probability_to_u8_rounds_and_clips() -> None:
     assert probability_to_u8(p).dtype == torch.uint8
 
 
+def test_probability_to_u8_is_round_255p_exactly_at_every_half_step() -> None:
+    halves = torch.tensor([(k + 0.5) / 255 for k in range(255)], dtype=torch.float64).to(torch.float32)
+    below, above = torch.nextafter(halves, torch.zeros(())), torch.nextafter(halves, torch.ones(()))
+    for p in (halves, below, above):
+        expected = [round(255 * value) for value in p.tolist()]  # Python's exact round, half to even
+        assert probability_to_u8(p).tolist() == expected
+        assert probability_to_u8(p.to(torch.float16)).tolist() == [
+            round(255 * value) for value in p.to(torch.float16).tolist()
+        ]
+
+
 _SAME_WIDTH_INT = {
     torch.float16: torch.int16,
     torch.bfloat16: torch.int16,
