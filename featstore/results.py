@@ -70,7 +70,9 @@ def write_result_folder(
     staging.mkdir()
     try:
         rows = _write_pngs(staging, predictions, workers)
-        _write_json(staging / PATHS_FILE, {"output": {str(row): output_name(row) for row in sorted(rows)}})
+        # In row order, as pandas' to_json writes an index: sorted keys would put "10" before "2".
+        paths = {"output": {str(row): output_name(row) for row in sorted(rows)}}
+        _write_json(staging / PATHS_FILE, paths, sort_keys=False)
         _write_json(staging / METADATA_FILE, metadata)
         _move_into_place(staging, out_dir, overwrite)
     except BaseException:
@@ -135,9 +137,9 @@ def _save_png(path: Path, values: npt.NDArray[np.uint8]) -> None:
     Image.fromarray(values).save(path, format="PNG")
 
 
-def _write_json(path: Path, payload: Any) -> None:
+def _write_json(path: Path, payload: Any, *, sort_keys: bool = True) -> None:
     with path.open("w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, allow_nan=False)
+        json.dump(payload, f, indent=2, sort_keys=sort_keys, allow_nan=False)
         f.write("\n")
 
 

@@ -33,6 +33,8 @@ def test_round_trip_writes_the_contest_layout(tmp_path: Path) -> None:
     assert json.loads((out / "paths.json").read_text()) == {
         "output": {"0": "outputs/00000.png", "3": "outputs/00003.png", "12": "outputs/00012.png"}
     }
+    assert list(json.loads((out / "paths.json").read_text())["output"]) == ["0", "3", "12"], "in row order"
+    assert pd.read_json(out / "paths.json").index.tolist() == [0, 3, 12]
     folder = read_result_folder(out)
     assert folder.root == out
     assert list(folder.outputs) == [0, 3, 12]
