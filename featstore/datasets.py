@@ -136,20 +136,39 @@ def load_dataset(path: str | Path | None, *, demo_root: Path | None = None) -> D
     if not given.exists():
         raise DatasetError(f"{given}: no such file or folder; pass a DAVIS folder or a contest paths.json")
     if given.is_file():
-        if given.name != PATHS_FILE:
+        if given.suffix.lower() != ".json":
             raise DatasetError(
                 f"{given}: not a dataset; pass a DAVIS folder (JPEGImages/{DAVIS_RESOLUTION}/<clip>/<NNNNN>.jpg) "
-                f"or a contest {PATHS_FILE}"
+                f"or a contest {PATHS_FILE} (a pandas to_json table, under any name ending in .json)"
             )
         return _finish(_read_paths_json(given))
     if (given / PATHS_FILE).is_file():
         return _finish(_read_paths_json(given / PATHS_FILE))
     if (given / "JPEGImages").is_dir():
         return _finish(_scan_davis(given, given.name))
+    nearby = _datasets_near(given)
+    hint = f"did you mean {' or '.join(map(str, nearby))}? " if nearby else ""
     raise DatasetError(
-        f"{given}: not a dataset (no {PATHS_FILE} and no JPEGImages/ folder); pass a DAVIS folder "
+        f"{given}: not a dataset (no {PATHS_FILE} and no JPEGImages/ folder); {hint}pass a DAVIS folder "
         f"(JPEGImages/{DAVIS_RESOLUTION}/<clip>/<NNNNN>.jpg) or a contest {PATHS_FILE}"
     )
+
+
+def _is_dataset_folder(folder: Path) -> bool:
+    return (folder / PATHS_FILE).is_file() or (folder / "JPEGImages").is_dir()
+
+
+def _datasets_near(folder: Path) -> list[Path]:
+    """Dataset folders a mistyped ``--data`` probably meant: the one it lies inside (a clip or
+    ``JPEGImages/480p`` given for the DAVIS root), else those directly below it (the root's parent given)."""
+    for ancestor in list(folder.parents)[:3]:
+        if _is_dataset_folder(ancestor):
+            return [ancestor]
+    try:
+        children = sorted(child for child in folder.iterdir() if child.is_dir() and _is_dataset_folder(child))
+    except OSError:
+        return []
+    return children[:3]
 
 
 def read_frame(path: Path) -> np.ndarray:
@@ -241,7 +260,9 @@ def _read_paths_json(paths_file: Path) -> _Listing:
         frames.append(
             FrameRecord(row=row, clip=clip, frame=frame, raw=_under(root, raw_text), annotation=annotation)
         )
-    return _Listing(name=root.name, root=root, source=paths_file, frames=tuple(frames))
+    # A table under another name than paths.json is its own dataset beside the folder's paths.json.
+    name = root.name if paths_file.name == PATHS_FILE else f"{root.name}-{paths_file.stem}"
+    return _Listing(name=name, root=root, source=paths_file, frames=tuple(frames))
 
 
 def _column(paths_file: Path, table: dict, name: str, fix: str) -> dict[int, str | None]:
@@ -349,6 +370,12 @@ def _scan_clip_folders(folder: Path) -> dict[tuple[str, int], Path]:
 # Validation and digest
 
 
+def _artifact_name(folder_name: str) -> str:
+    """The dataset's name in artifact names, which allow letters, digits, '.', '_' and '-':
+    ``my clips (v2)`` becomes ``my-clips-v2``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", folder_name).strip("-._") or "dataset"
+
+
 def _finish(listing: _Listing) -> Dataset:
     """Check the table and the files' headers, then freeze it into a Dataset."""
     if not listing.frames:
@@ -370,7 +397,7 @@ def _finish(listing: _Listing) -> Dataset:
         _check_frame_files(listing.source, record, raw_header, mask_header, unreadable)
 
     return Dataset(
-        name=listing.name,
+        name=_artifact_name(listing.name),
         root=listing.root,
         frames=listing.frames,
         has_annotations=all(record.annotation is not None for record in listing.frames),
@@ -379,7 +406,7 @@ def _finish(listing: _Listing) -> Dataset:
 
 def _removal(source: Path, partner: str) -> str:
     """How to drop a frame from the dataset ``source`` names: its row of paths.json, or its DAVIS files."""
-    if source.name == PATHS_FILE:
+    if source.is_file():  # a contest table
         return f"remove its row from {source}"
     return f"delete it and its {partner}" if partner else "delete it"
 

@@ -208,6 +208,31 @@ def test_refuses_folder_that_is_not_a_dataset(tmp_path: Path) -> None:
     refused(tmp_path / "junk" / "readme.txt", "readme.txt", "not a dataset")
 
 
+def test_a_folder_inside_or_above_a_dataset_names_the_dataset(tmp_path: Path) -> None:
+    root = make_davis(tmp_path / "datasets" / "davis", {"bear": [0, 1]})
+    for inside in (root / "JPEGImages", root / "JPEGImages" / "480p", root / "JPEGImages" / "480p" / "bear"):
+        refused(inside, f"did you mean {root}?")
+    refused(tmp_path / "datasets", f"did you mean {root}?")
+    (tmp_path / "elsewhere").mkdir()
+    assert "did you mean" not in refused(tmp_path / "elsewhere", "not a dataset")
+
+
+def test_a_contest_table_under_another_name_is_its_own_dataset(tmp_path: Path) -> None:
+    root = make_contest(tmp_path / "contest", {7: ("bear", 0), 3: ("bear", 1)})
+    (root / "test-phase.json").write_text((root / "paths.json").read_text())
+    renamed, original = load_dataset(root / "test-phase.json"), load_dataset(root / "paths.json")
+    assert renamed.name == "contest-test-phase" and original.name == "contest"
+    assert [(r.row, r.raw) for r in renamed.frames] == [(r.row, r.raw) for r in original.frames]
+    (root / "broken.json").write_text("{}")
+    refused(root / "broken.json", str(root / "broken.json"), 'no "raw" column')
+
+
+def test_folder_names_become_valid_artifact_names(tmp_path: Path) -> None:
+    root = make_davis(tmp_path / "my clips (v2)", {"bear": [0]})
+    assert load_dataset(root).name == "my-clips-v2"
+    assert load_dataset(make_davis(tmp_path / "___", {"bear": [0]})).name == "dataset"
+
+
 def test_refuses_demo_without_a_place_to_put_it() -> None:
     with pytest.raises(DatasetError, match="--data"):
         load_dataset(None)
