@@ -16,6 +16,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import datetime as dt
+import difflib
 import errno
 import fcntl
 import hashlib
@@ -411,7 +412,7 @@ class Store:
             notes = [note for kind in kinds if (note := self._removed_note(kind, name, None))]
             if notes:
                 raise StoreError(f"every version of {name!r} was {notes[0]}: run the job that made it again")
-            raise StoreError(f"no {what} named {name!r} in the store {self.root}: `featstore ls` lists what is there")
+            raise StoreError(f"no {what} named {name!r} in the store {self.root}: {self._ref_hint(name, type)}")
         if len({r.type for r in candidates}) > 1:
             raise StoreError(f"{name!r} names artifacts of several types; pass the type explicitly")
         if alias == "latest":
@@ -427,6 +428,18 @@ class Store:
             raise StoreError(f"{name}:v{version} was {removed}; known versions: {', '.join(r.ref for r in candidates)}")
         known = ", ".join(r.ref for r in candidates)
         raise StoreError(f"{ref!r} does not exist in the store {self.root}; known versions: {known}")
+
+    def _ref_hint(self, name: str, type: str | None) -> str:
+        """What a mistyped name probably meant: the same name as another type, or close names of this type."""
+        kinds = [type] if type else list(ARTIFACT_TYPES)
+        names = sorted({p.name for kind in kinds if (self.root / "artifacts" / kind).is_dir()
+                        for p in (self.root / "artifacts" / kind).iterdir()})
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.8)
+        suggestion = f"did you mean {' or '.join(close)}? " if close else ""
+        others = [kind for kind in ARTIFACT_TYPES if kind != type and self._records(kind, name, [])]
+        if type and others:
+            return f"{name!r} is a {others[0]} artifact, not a {type}; {suggestion}`featstore ls` lists the {type}s"
+        return f"{suggestion}`featstore ls` lists what is there"
 
     def verify(self, record: ArtifactRecord, prefix: str = "") -> builtins.list[str]:  # `list` is a method here
         """Re-hash every file of the manifest (under ``prefix``); returns the problems found."""

@@ -81,6 +81,20 @@ def test_bad_refs_and_names(tmp_path: Path) -> None:
         _commit(store, "../escape", "k")
 
 
+def test_a_mistyped_ref_names_what_was_probably_meant(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    _commit(store, "clips.lite0", "k1")
+    with store.stage("decoder", "clips.lite0.fpn", "k2") as staging:
+        staging.commit(parents=["clips.lite0:v1"], metadata={})
+    with pytest.raises(StoreError, match=r"'clips\.lite0' is a features artifact, not a decoder; did you mean "
+                                         r"clips\.lite0\.fpn\? `featstore ls` lists the decoders"):
+        store.resolve("clips.lite0", type="decoder")
+    with pytest.raises(StoreError, match=r"no features artifact named 'clips\.lite1' .*: did you mean clips\.lite0\?"):
+        store.resolve("clips.lite1", type="features")
+    with pytest.raises(StoreError, match=r"no artifact named 'other' in the store .*: `featstore ls` lists what is there"):
+        store.resolve("other")
+
+
 def test_unwritable_store_is_a_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
