@@ -291,7 +291,10 @@ def cmd_gc(args: argparse.Namespace, store: Store) -> dict[str, Any]:
 def cmd_evaluate(args: argparse.Namespace, store: Store) -> dict[str, Any]:
     from jobs.evaluate import evaluate
 
-    scores = evaluate(args.result_dir, args.data, progress=False if args.quiet else None)
+    from featstore.datasets import load_dataset
+
+    data = args.data if args.data is not None else load_dataset(None, demo_root=store.root / "demo")
+    scores = evaluate(args.result_dir, data, progress=False if args.quiet else None)
     result = scores.to_dict()
     if not args.json:
         _say(f"mean_iou  {scores.mean_iou:.4f}   (pooled over {scores.frames_scored} frames)", f"j_mean    {scores.j_mean:.4f}")
@@ -441,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", help="run a decoder on a dataset and write a contest result artifact")
     predict.add_argument("--decoder", required=True, help="decoder artifact REF (see `featstore ls --type decoder`)")
-    predict.add_argument("--data", required=True, help="DAVIS folder, contest folder or paths.json; annotations optional")
+    predict.add_argument("--data", default=None, help="DAVIS folder, contest folder or paths.json; annotations optional (default: demo dataset)")
     predict.add_argument("--out", type=Path, default=None, help="also place a copy of the result folder here (must not exist or be empty)")
     predict.add_argument("--batch-size", type=int, default=8)
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -517,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="score a contest result folder against annotations")
     evaluate.add_argument("result_dir", type=Path)
-    evaluate.add_argument("--data", required=True, help="the annotated dataset the results are for")
+    evaluate.add_argument("--data", default=None, help="the annotated dataset the results are for (default: demo dataset)")
     _add_common(evaluate)
     evaluate.set_defaults(handler=cmd_evaluate)
 

@@ -130,3 +130,24 @@ def test_json_usage_errors_print_the_error_line_too(capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit):
         main(["train", "--features", "x", "--lr", "fast"])
     assert capsys.readouterr().out == "", "without --json, stdout stays empty"
+
+
+def test_predict_and_evaluate_take_the_demo_dataset_without_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from featstore.datasets import load_dataset
+    from jobs.evaluate import evaluate
+
+    store = ["--store", str(tmp_path / "store"), "--quiet"]
+    assert main(["build", "--backbone", "tiny", "--weights", "random", *store]) == 0
+    assert main(["train", "--features", "demo.tiny.random", "--decoder", "linear", "--epochs", "1", *store]) == 0
+    capsys.readouterr()
+    submission = tmp_path / "submission"
+    assert main(["predict", "--decoder", "demo.tiny.random.linear", "--out", str(submission), "--json", *store]) == 0
+    predicted = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert predicted["dataset"] == "demo:v1" and predicted["out"] == str(submission)
+    assert main(["evaluate", str(submission), "--json", *store]) == 0
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    demo = load_dataset(tmp_path / "store" / "demo")
+    assert scored["mean_iou"] == evaluate(submission, demo).mean_iou
+    assert set(scored["per_clip"]) == set(demo.clips())
