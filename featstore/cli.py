@@ -130,6 +130,8 @@ def cmd_predict(args: argparse.Namespace, store: Store) -> dict[str, Any]:
             f"nparams           {out['nparams']:,}",
             f"out               {result.out}",
         )
+        if result.out != result.folder:
+            _say(f"stored as         {result.folder}")
     return out
 
 

@@ -50,11 +50,13 @@ _FEATURE_IDENTITY = ("weights_digest", "layers", "dtype", "preprocessing", "extr
 
 @dataclass(frozen=True)
 class PredictResult:
-    """What ``featstore predict`` reports: the result artifact and where its contest folder is."""
+    """What ``featstore predict`` reports: the result artifact, its contest folder in the store, and
+    ``out``: the copy ``--out`` asked for, else that same folder."""
 
     record: ArtifactRecord
     out: Path
     cached: bool
+    folder: Path
 
     @property
     def ref(self) -> str:
@@ -74,6 +76,7 @@ class PredictResult:
         return {
             "ref": self.ref,
             "out": str(self.out),
+            "folder": str(self.folder),
             "cached": self.cached,
             "source": self.source,
             "features": self.features,
@@ -157,7 +160,7 @@ def predict_dataset(
     folder = store.path(record)
     if out_dir is not None:
         _copy_result(folder, out_dir)
-    return PredictResult(record, out_dir if out_dir is not None else folder, cached)
+    return PredictResult(record, out_dir if out_dir is not None else folder, cached, folder)
 
 
 def _decode_as_trained(decoder: ArtifactRecord, device: torch.device) -> bool:

@@ -214,6 +214,12 @@ def test_cli_predict_json_and_errors(trained: Trained, tmp_path: Path, capsys: p
                  "--json", "--quiet"]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["cached"] and again["fps"] is None and again["ref"] == payload["ref"]
+    stored = trained.store.path(trained.store.resolve(payload["ref"]))
+    assert payload["folder"] == again["folder"] == again["out"] == str(stored), "the copy and the stored folder"
+    args[args.index("--json")] = "--force"
+    args[args.index(str(out))] = str(tmp_path / "copy")
+    assert main(args) == 0
+    assert f"stored as         {trained.store.root}" in capsys.readouterr().out
 
     assert main(["predict", "--decoder", decoder_ref, "--data", str(trained.data), "--store", store,
                  "--device", "cpu", "--quiet"]) == 0
