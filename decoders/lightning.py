@@ -327,6 +327,7 @@ class HeadModule(pl.LightningModule):
         self._calibrated_at: int | None = None  # global step of the last BatchNorm recalibration
         self._epoch_sum: Tensor | None = None
         self._epoch_frames = 0
+        self._last_loss: Tensor | None = None  # the last step's, kept on the device until read
         self._started = 0.0
         self.epoch_losses: list[float] = []  # training loss per frame of each epoch, as train_heads records
         self.train_seconds = 0.0
@@ -369,6 +370,7 @@ class HeadModule(pl.LightningModule):
         """
         self.epoch_losses, self.train_frames, self._started = [], 0, time.perf_counter()
         self._epoch_sum, self._epoch_frames = None, 0  # an interrupted fit may have left an epoch open
+        self._last_loss = None
         self._calibrated_at = None
         data = self._datamodule()
         self.trained_on = data.loaded_ref if data is not None else None
@@ -378,7 +380,8 @@ class HeadModule(pl.LightningModule):
         frames = int(batch["masks"].shape[0])
         loss = segmentation_loss(logits, batch["masks"])  # resized inside
         self.log("train_loss", loss, prog_bar=True, batch_size=frames)
-        weighted = loss.detach() * frames  # summed on the device, read once an epoch
+        self._last_loss = loss.detach()
+        weighted = self._last_loss * frames  # summed on the device, read once an epoch
         self._epoch_sum = weighted if self._epoch_sum is None else self._epoch_sum + weighted
         self._epoch_frames += frames
         self.train_frames += frames
@@ -387,6 +390,10 @@ class HeadModule(pl.LightningModule):
     def _open_epoch_loss(self) -> list[float]:
         """The loss per frame of the epoch being trained, once it has steps; read from the device here."""
         return [float(self._epoch_sum) / self._epoch_frames] if self._epoch_sum is not None and self._epoch_frames else []
+
+    def _final_loss(self) -> float:
+        """The last step's loss, as ``train_heads`` reports ``final_loss``."""
+        return float(self._last_loss) if self._last_loss is not None else self.final_loss
 
     def on_train_epoch_end(self) -> None:
         self.epoch_losses += self._open_epoch_loss()
@@ -398,7 +405,7 @@ class HeadModule(pl.LightningModule):
             torch.cuda.synchronize()
         self.train_seconds, self._started = time.perf_counter() - self._started, 0.0
         self._recalibrate()
-        self.final_loss = self.epoch_losses[-1] if self.epoch_losses else float("nan")
+        self.final_loss = self._final_loss()
 
     def _recalibrate(self) -> None:
         """BatchNorm statistics over the training frames, as ``train_heads`` computes them after training.
@@ -480,7 +487,7 @@ class HeadModule(pl.LightningModule):
         curve = self.epoch_losses + self._open_epoch_loss()
         seconds = time.perf_counter() - self._started if self._started else self.train_seconds
         checkpoint["featstore"] = {"epoch_losses": curve, "train_seconds": seconds, "train_frames": self.train_frames,
-                                   "final_loss": curve[-1] if curve else self.final_loss,
+                                   "final_loss": self._final_loss(),
                                    "trained_on": self.trained_on}
         if self._trainer is not None and self.trainer.state.fn == "fit":
             # Without a validation at this step the running statistics lag the weights: recompute them, and

@@ -66,6 +66,7 @@ def test_a_head_fitted_in_lightning_takes_the_steps_featstore_train_takes(
     assert module.val_scores is not None and set(module.val_scores.per_clip) == set(meta["val_clips"])
     assert module.val_scores.mean_iou == pytest.approx(meta["val_mean_iou"], abs=1e-6)
     assert module.epoch_losses == pytest.approx(meta["heads"][0]["epoch_losses"], rel=1e-5)
+    assert module.final_loss == pytest.approx(meta["heads"][0]["final_loss"], rel=1e-5), "the last step's loss"
 
 
 def test_checkpoint_reload_prediction_and_commit_as_a_decoder(built: tuple[Store, str, Path]) -> None:
