@@ -206,7 +206,8 @@ def cmd_show(args: argparse.Namespace, store: Store) -> dict[str, Any]:
             f"  key       {record.key}",
             f"  created   {record.created} (featstore {record.featstore_version})",
             f"  files     {len(record.manifest)}",
-            "  lineage   " + (" <- ".join(lineage) if lineage else "(none)"),
+            "  lineage   " + ("made from:" if lineage else "(none)"),
+            *_lineage_tree(store, record.parents, depth=2),
             "  metadata",
         )
         for key, value in record.metadata.items():
@@ -230,6 +231,24 @@ def _lineage(store: Store, ref: str) -> list[str]:
         except FeatstoreError:
             continue
     return seen
+
+
+def _lineage_tree(store: Store, parents: Sequence[str], depth: int, seen: set[str] | None = None) -> list[str]:
+    """One line per parent, indented under what was made from it; a parent met before is not expanded again."""
+    seen = set() if seen is None else seen
+    lines = []
+    for parent in parents:
+        try:
+            record = store.resolve(parent)
+        except FeatstoreError as exc:
+            lines.append(f"{'  ' * depth}{parent}  ({exc})")
+            continue
+        again = parent in seen
+        lines.append(f"{'  ' * depth}{parent}  ({record.type}{', as above' if again and record.parents else ''})")
+        if not again:
+            seen.add(parent)
+            lines += _lineage_tree(store, record.parents, depth + 1, seen)
+    return lines
 
 
 def cmd_verify(args: argparse.Namespace, store: Store) -> dict[str, Any]:
@@ -291,9 +310,8 @@ def cmd_gc(args: argparse.Namespace, store: Store) -> dict[str, Any]:
 
 
 def cmd_evaluate(args: argparse.Namespace, store: Store) -> dict[str, Any]:
-    from jobs.evaluate import evaluate
-
     from featstore.datasets import load_dataset
+    from jobs.evaluate import evaluate
 
     data = args.data if args.data is not None else load_dataset(None, demo_root=store.root / "demo")
     scores = evaluate(args.result_dir, data, progress=False if args.quiet else None)

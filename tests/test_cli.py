@@ -151,3 +151,13 @@ def test_predict_and_evaluate_take_the_demo_dataset_without_data(
     demo = load_dataset(tmp_path / "store" / "demo")
     assert scored["mean_iou"] == evaluate(submission, demo).mean_iou
     assert set(scored["per_clip"]) == set(demo.clips())
+    assert main(["show", predicted["ref"], *store]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    lineage = shown[shown.index("  lineage   made from:") + 1 : shown.index("  metadata")]
+    assert lineage == [  # what each parent was made from, indented under it
+        "    demo.tiny.random.linear:v1  (decoder)",
+        "      demo.tiny.random:v1  (features)",
+        "        demo:v1  (dataset)",
+        "    demo:v1  (dataset)",
+        "    demo.tiny.random:v1  (features, as above)",
+    ]
