@@ -160,11 +160,11 @@ def train_decoders(
     grid = [c.to_dict() for c in configs]
     parents = [artifact.record.ref] + ([val_artifact.record.ref] if val_artifact else [])
     # The parents' versions, not only their content, are inputs: a version that --force rebuilt supersedes
-    # the old one, so what trains on it again is a new decoder whose lineage names it.
+    # the old one, so what trains on it again is a new decoder whose lineage names it. The budget is not:
+    # it only gates (checked above, before any lookup), and every head that passes it trains the same.
     key = canonical_hash(
         {"features": artifact.record.key, "val": val_artifact.record.key if val_artifact else None, "split": split,
-         "grid": grid, "epochs": epochs, "batch_size": batch_size, "seed": seed, "budget": budget,
-         "parents": parents}
+         "grid": grid, "epochs": epochs, "batch_size": batch_size, "seed": seed, "parents": parents}
     )
     name = f"{artifact.record.name}.{'-'.join(dict.fromkeys(decoders))}"
     torch_device = resolve_device(device)

@@ -170,6 +170,7 @@ def test_training_again_is_a_cache_hit_unless_forced(tiny_features: tuple[Store,
     assert store.resolve(forced.record.name).ref == forced.ref
     assert forced.record.metadata["val_mean_iou"] == first.record.metadata["val_mean_iou"], "same seed, same head"
     assert train_decoders(store, ref, **options).ref == forced.ref
+    assert train_decoders(store, ref, budget=1_000_000, **options).ref == forced.ref, "the budget only gates"
 
 
 def test_a_version_rebuilt_with_force_is_what_training_and_prediction_then_name(tmp_path: Path) -> None:
