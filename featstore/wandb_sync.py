@@ -9,8 +9,11 @@ and contest results travel as files. ``wandb`` is imported only when W&B is aske
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -29,6 +32,18 @@ RESULT_METADATA = "metadata.json"
 _TRUE = {"1", "true", "yes"}
 _MODES_WITHOUT_LOGIN = {"offline", "dryrun", "disabled"}
 _FIX = "run `wandb login`, or set WANDB_MODE=offline to record runs locally and `wandb sync` them later"
+DATASET_CONTENT = "featstore_content.json"
+_GROUP: contextvars.ContextVar[str | None] = contextvars.ContextVar("featstore_wandb_group", default=None)
+
+
+@contextlib.contextmanager
+def wandb_group(name: str) -> Iterator[None]:
+    """Runs started inside share this W&B group: the jobs one ``featstore compare`` runs, say."""
+    token = _GROUP.set(name)
+    try:
+        yield
+    finally:
+        _GROUP.reset(token)
 
 
 def wandb_requested(flag: bool) -> bool:
@@ -81,6 +96,7 @@ class WandbJob:
                 project=self.project,
                 job_type=self.job_type,
                 config=self.config,
+                group=_GROUP.get(),
                 dir=str(root),
                 reinit="create_new",  # jobs that run other jobs get one run each, not a finished parent
             )
@@ -108,13 +124,14 @@ class WandbJob:
         if run is None or run.disabled or record.ref in self._used:
             return
         artifact = self._to_wandb(record)
+        aliases = self._aliases(record)
         if run.offline:
             # Run.use_artifact refuses offline because it waits for the server. What it sends online for a
             # draft artifact is a LogArtifact entry created by no run and used by this one; record exactly
             # that, so `wandb sync` creates (or finds by digest) the version and links it as an input.
-            run._log_artifact(artifact, is_user_created=True, use_after_commit=True)
+            run._log_artifact(artifact, aliases=aliases, is_user_created=True, use_after_commit=True)
         else:
-            run.use_artifact(artifact)
+            run.use_artifact(artifact, aliases=aliases)
         self._used.add(record.ref)
 
     def log(self, record: ArtifactRecord) -> None:
@@ -125,11 +142,22 @@ class WandbJob:
         for parent in record.parents:
             if parent not in self._used:
                 self.use(self.store.resolve(parent))
-        run.log_artifact(self._to_wandb(record), aliases=["latest"])
+        run.log_artifact(self._to_wandb(record), aliases=self._aliases(record))
+        run.name = f"{self.job_type} {record.ref}"
 
     def log_metrics(self, metrics: dict[str, Any]) -> None:
+        """Log the numbers among ``metrics``; ``None`` (nothing measured, as for a cache hit) is left out."""
         if self._run is not None:
-            self._run.log(metrics)
+            self._run.log({k: v for k, v in metrics.items() if v is not None})
+
+    def _aliases(self, record: ArtifactRecord) -> list[str]:
+        """``featstore-vN`` names the local version (W&B numbers its own from v0, and reserves ``vN``).
+
+        W&B gives ``latest`` to whatever was logged last, an older version used again included, so
+        ``featstore-latest`` marks the local store's latest, and only that.
+        """
+        latest = self.store.resolve(record.name, type=record.type).ref == record.ref
+        return [f"featstore-v{record.version}"] + (["featstore-latest"] if latest else [])
 
     def _to_wandb(self, record: ArtifactRecord) -> Artifact:
         import wandb
@@ -154,6 +182,10 @@ class WandbJob:
         elif record.type == "dataset":
             for rel in sorted(record.manifest):
                 artifact.add_reference((root / rel).as_uri(), name=rel, checksum=True)
+            # The frame table lists paths, not pixels: two versions of a dataset whose files changed in place
+            # would share one W&B version. Their content key tells them apart, as it does locally.
+            with artifact.new_file(DATASET_CONTENT) as handle:
+                json.dump({"key": record.key, "digest": record.metadata.get("digest")}, handle, sort_keys=True)
         else:
             # Committed files never change (the manifest guards them), so W&B need not copy them aside.
             for rel in sorted(record.manifest):

@@ -659,7 +659,7 @@ def build_features(
         result = _build(plan, extractor, batch_size=batch_size, device=device,
                         scheduler=scheduler, progress=progress, force=force)
         job.log(result.record)
-        job.log_metrics({"frames": result.frames, "fps": result.fps, "bytes": result.bytes,
+        job.log_metrics({"frames": result.frames, "fps": None if result.cached else result.fps, "bytes": result.bytes,
                          "nparams_backbone": result.nparams_backbone, "cached": result.cached})
     return result
 

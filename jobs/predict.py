@@ -156,7 +156,8 @@ def predict_dataset(
             record = _predict_uncached(store, name, key, decoder_record, dataset, artifact, torch_device,
                                        batch_size=batch_size, progress=progress, fresh=force, gpu_decode=gpu_decode)
         job.log(record)
-        job.log_metrics({"frames": record.metadata["frames"], "fps": record.metadata["fps"], "cached": cached})
+        job.log_metrics({"frames": record.metadata["frames"], "fps": None if cached else record.metadata["fps"],
+                         "cached": cached})
     folder = store.path(record)
     if out_dir is not None:
         _copy_result(folder, out_dir)

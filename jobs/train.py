@@ -177,6 +177,7 @@ def train_decoders(
         if cached is not None:
             store.require_intact(cached)  # small files: a damaged decoder is named now, not at predict time
             job.log(cached)
+            job.log_metrics({**_summary_metrics(cached), "cached": True})
             return TrainResult(cached, cached=True)
         val_source = val_artifact or artifact
         check_memory(artifact, train_clips, val_source, val_clips, torch_device, available_bytes(torch_device))
@@ -200,8 +201,14 @@ def train_decoders(
         job.log(record)
         for epoch in range(epochs):  # the loss curves as W&B charts, one line per head
             job.log_metrics({"epoch": epoch + 1, **{f"train_loss/{h.config.label}": h.epoch_losses[epoch] for h in heads}})
-        job.log_metrics({k: v for k, v in record.metadata.items() if isinstance(v, int | float)})
+        job.log_metrics({**_summary_metrics(record), "cached": False})
     return TrainResult(record, cached=False)
+
+
+def _summary_metrics(record: ArtifactRecord) -> dict[str, Any]:
+    """A decoder's figures for its W&B run: its counts, timing and validation scores."""
+    return {k: v for k, v in record.metadata.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and k != "extraction"}
 
 
 def commit_head(

@@ -56,3 +56,19 @@ def test_jobs_mirror_their_lineage(tmp_path: Path, small_davis: Path, monkeypatc
     (head,) = trained.record.metadata["heads"]
     assert [row["epoch"] for row in curve] == [1, 2]
     assert [row[f"train_loss/{head['head']}"] for row in curve] == pytest.approx(head["epoch_losses"])
+    summary = next(row for row in runs["train"].history if "nparams" in row)
+    assert summary["cached"] is False and summary["val_mean_iou"] == trained.record.metadata["val_mean_iou"]
+    assert "extraction" not in summary
+
+    # Cache hits are runs too, with the same figures and no speed: nothing was computed to time.
+    build_features(store, "tiny", small_davis, weights="random", device="cpu", progress=False, wandb=True)
+    newest_run("featurize again")
+    train_decoders(store, built.ref, decoders=["linear"], epochs=2, device="cpu", progress=False, wandb=True)
+    newest_run("train again")
+    predict_dataset(store, trained.ref, small_davis, device="cpu", progress=False, wandb=True)
+    newest_run("predict again")
+    for job in ("featurize again", "train again", "predict again"):
+        (row,) = [row for row in runs[job].history if "cached" in row]
+        assert row["cached"] is True and "fps" not in row, job
+    again = next(row for row in runs["train again"].history if "nparams" in row)
+    assert {k: again[k] for k in ("nparams", "val_mean_iou")} == {k: summary[k] for k in ("nparams", "val_mean_iou")}

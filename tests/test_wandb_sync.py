@@ -275,7 +275,8 @@ def test_wandb_lineage_has_the_local_edges(mirrored: Mirrored) -> None:
             f"{run.run.job_type}: used {inputs}, local parents {record.parents}"
         )
         assert logged.name == record.name and logged.type == record.type
-        assert list(logged.aliases) == ["latest"]
+        assert sorted(logged.aliases) == sorted([f"featstore-v{record.version}", "featstore-latest", "latest"])
+        assert run.run.display_name == f"{run.run.job_type} {record.ref}"
         assert not logged.user_created, "an output is created by its run"
     decoder, dataset = mirrored.lineage.decoder.name, mirrored.lineage.dataset.name
     assert mirrored.predict.use_order == [decoder, dataset], "explicit uses first, each input once"
@@ -313,10 +314,42 @@ def test_features_go_by_reference_with_checksums(mirrored: Mirrored) -> None:
 def test_dataset_input_references_its_frame_table(mirrored: Mirrored) -> None:
     dataset = mirrored.lineage.dataset
     artifact = mirrored.featurize.used[dataset.name]
-    (entry,) = artifact.manifest.contents
+    entries = {entry.path: entry for entry in artifact.manifest.contents}
+    assert set(entries) == {"frames.json", "featstore_content.json"}
     table = mirrored.lineage.store.path(dataset) / "frames.json"
-    assert (entry.path, entry.ref, entry.digest) == ("frames.json", table.as_uri(), _b64md5(table))
+    assert (entries["frames.json"].ref, entries["frames.json"].digest) == (table.as_uri(), _b64md5(table))
     assert artifact.type == "dataset"
+
+
+def test_dataset_versions_whose_files_changed_in_place_stay_apart_and_local_latest_stays_put(tmp_path: Path) -> None:
+    """The frame table is the same, the content key is not: W&B must not fold the versions into one.
+    Logging the older one again (a cache hit of an older ref) must not move featstore-latest to it."""
+    import wandb
+
+    store = Store(tmp_path / "store")
+    versions = []
+    for key in ("pixels-before", "pixels-after"):
+        with store.stage("dataset", "edited", key) as staging:
+            (staging.path / "frames.json").write_text(json.dumps({"clip": {"a": 2}}))
+            versions.append(staging.commit(parents=[], metadata={"digest": key}))
+    with pytest.MonkeyPatch.context() as mp:
+        _offline_environment(mp, tmp_path)
+        mp.delenv("WANDB_DIR", raising=False)  # runs under the store
+        wandb.teardown()
+        try:
+            runs = []
+            for record in (versions[1], versions[0]):
+                with WandbJob("featurize", {}, enabled=True, store=store) as job:
+                    job.log(record)
+                wandb.teardown()
+                (folder,) = set(_run_folders(store.root)) - {run.folder for run in runs}
+                runs.append(OfflineRun.read(folder))
+        finally:
+            wandb.teardown()
+    newer, older = (run.logged["edited"] for run in runs)
+    assert newer.digest != older.digest
+    assert "featstore-latest" in newer.aliases and "featstore-latest" not in older.aliases
+    assert "featstore-v2" in newer.aliases and "featstore-v1" in older.aliases
 
 
 def test_result_is_logged_as_contest_files_with_nparams(mirrored: Mirrored) -> None:
