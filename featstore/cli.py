@@ -154,6 +154,7 @@ def cmd_compare(args: argparse.Namespace, store: Store) -> dict[str, Any]:
         progress=_progress(args),
         force=args.force,
         jpeg_decoder=args.jpeg_decoder,
+        wandb=args.wandb,
     )
     if not args.json:
         _say(
@@ -502,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     _add_jpeg_decoder(compare)
     compare.add_argument("--out", type=Path, default=None, help="folder for compare.csv and compare.png (default: <store>/compare/<dataset>/)")
+    compare.add_argument("--wandb", action="store_true", help="log every job, the leaderboard and its plot to Weights & Biases, as one group (or FEATSTORE_WANDB=1)")
     _add_force(compare)
     _add_common(compare)
     compare.set_defaults(handler=cmd_compare)

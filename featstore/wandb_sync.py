@@ -150,6 +150,21 @@ class WandbJob:
         if self._run is not None:
             self._run.log({k: v for k, v in metrics.items() if v is not None})
 
+    def log_table(self, key: str, rows: list[dict[str, Any]]) -> None:
+        """Log ``rows`` (dicts with the same keys) as one W&B table, shown as a sortable grid."""
+        if self._run is not None and rows:
+            import wandb
+
+            columns = list(rows[0])
+            data = [[row[c] for c in columns] for row in rows]
+            self._run.log({key: wandb.Table(columns=list[str | int](columns), data=data)})
+
+    def log_image(self, key: str, path: Path) -> None:
+        if self._run is not None:
+            import wandb
+
+            self._run.log({key: wandb.Image(str(path))})
+
     def _aliases(self, record: ArtifactRecord) -> list[str]:
         """``featstore-vN`` names the local version (W&B numbers its own from v0, and reserves ``vN``).
 

@@ -11,10 +11,12 @@ comparison.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from featstore.datasets import Dataset, load_dataset
 from featstore.errors import BudgetError, FeatstoreError
 from featstore.store import Store, hidden_sibling
 from featstore.units import format_bytes
+from featstore.wandb_sync import WandbJob, wandb_group, wandb_requested
 from jobs.evaluate import evaluate
 from jobs.featurize import build_features, choose_gpu_decode, resolve_device
 from jobs.predict import predict_dataset
@@ -173,6 +176,7 @@ def compare_backbones(
     progress: bool = True,
     force: bool = False,
     jpeg_decoder: str = "auto",
+    wandb: bool = False,
 ) -> CompareResult:
     """Build, train, predict and score each backbone with each head on one clip-level split; write the csv and plot.
 
@@ -182,6 +186,8 @@ def compare_backbones(
     leaderboard row per pair. ``out_dir`` defaults to ``<store>/compare/<dataset name>/``. ``force``
     recomputes every step (build, train, predict) of every pair as new versions instead of reusing
     committed ones. ``jpeg_decoder`` is ``build``'s ``--jpeg-decoder``, for every backbone's features.
+    ``wandb``: every job's run joins one W&B group, and a ``compare`` run that uses the results logs the
+    leaderboard as a table and the plot as an image.
     """
     choices = parse_backbones(backbones, weights)
     heads = [HeadConfig(decoder=name) for name in parse_decoders(decoders)]
@@ -202,6 +208,40 @@ def compare_backbones(
     _, held_out_clips = holdout_split(list(dataset.clips()), holdout_fraction, seed)  # the split train makes
     target = Path(out_dir).expanduser().absolute() if out_dir is not None else store.root / "compare" / dataset.name
     sizes = {choice: _parameter_counts(choice, heads, seed) for choice in choices}
+    logging = wandb_requested(wandb)
+    group = f"compare {dataset.name} {time.strftime('%Y-%m-%d %H:%M:%S')}" if logging else None
+    with wandb_group(group) if group else contextlib.nullcontext():
+        rows = _leaderboard_rows(
+            store, dataset, data, choices, heads, sizes, holdout_fraction=holdout_fraction, seed=seed,
+            epochs=epochs, batch_size=batch_size, budget=budget, device=device, progress=progress, force=force,
+            jpeg_decoder=jpeg_decoder, wandb=logging,
+        )
+        csv_path, plot_path = target / CSV_FILE, target / PLOT_FILE
+        _write_csv(rows, csv_path)
+        _write_plot(rows, plot_path, dataset.name, held_out_clips, budget,
+                    styles=plot_styles([c.label for c in choices], [h.decoder for h in heads]))
+        config = {"dataset": dataset.name, "backbones": [c.label for c in choices], "decoders": [h.decoder for h in heads],
+                  "held_out_clips": held_out_clips, "epochs": epochs, "budget": budget, "seed": seed}
+        with WandbJob("compare", config, enabled=logging, store=store) as job:
+            for row in rows:
+                if row["result_ref"]:
+                    job.use(store.resolve(row["result_ref"]))
+            job.log_table("leaderboard", [{k: row[k] for k in COLUMNS} for row in rows])
+            job.log_image("iou_vs_parameters", plot_path)
+    return CompareResult(dataset.name, tuple(held_out_clips), rows, csv_path, plot_path)
+
+
+def _leaderboard_rows(
+    store: Store,
+    dataset: Dataset,
+    data: str | Path | None,
+    choices: Sequence[BackboneChoice],
+    heads: Sequence[HeadConfig],
+    sizes: dict[BackboneChoice, tuple[int, dict[str, int]]],
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """One row per (backbone, head), best held-out mean IoU first; over-budget pairs say so, untrained."""
+    budget = options["budget"]
     rows: list[dict[str, Any]] = []
     for index, choice in enumerate(choices, start=1):
         print(f"featstore compare: [{index}/{len(choices)}] {choice.label}", file=sys.stderr)
@@ -219,17 +259,9 @@ def compare_backbones(
                 continue
             within.append(row)
         if within:  # features only for a backbone that some head fits the budget with
-            _run_backbone(
-                store, dataset, data, choice, within, holdout_fraction=holdout_fraction, seed=seed, epochs=epochs,
-                batch_size=batch_size, budget=budget, device=device, progress=progress, force=force,
-                announce=len(heads) > 1, jpeg_decoder=jpeg_decoder,
-            )
+            _run_backbone(store, dataset, data, choice, within, announce=len(heads) > 1, **options)
     rows.sort(key=lambda r: -r["mean_iou"] if r["mean_iou"] is not None else math.inf)
-    csv_path, plot_path = target / CSV_FILE, target / PLOT_FILE
-    _write_csv(rows, csv_path)
-    _write_plot(rows, plot_path, dataset.name, held_out_clips, budget,
-                styles=plot_styles([c.label for c in choices], [h.decoder for h in heads]))
-    return CompareResult(dataset.name, tuple(held_out_clips), rows, csv_path, plot_path)
+    return rows
 
 
 def _parameter_counts(choice: BackboneChoice, heads: Sequence[HeadConfig], seed: int) -> tuple[int, dict[str, int]]:
@@ -281,11 +313,12 @@ def _run_backbone(
     force: bool,
     announce: bool,
     jpeg_decoder: str,
+    wandb: bool,
 ) -> None:
     """Build the backbone's features once; then train each row's head on them, predict the held-out clips
     from the stored features and score them, filling in the row."""
     built = build_features(store, choice.name, data, weights=choice.weights, device=device, progress=progress,
-                           force=force, jpeg_decoder=jpeg_decoder)
+                           force=force, jpeg_decoder=jpeg_decoder, wandb=wandb)
     if built.record.metadata["dataset"]["digest"] != dataset.digest():
         raise FeatstoreError(
             f"{dataset.root}: the dataset's files changed while comparing (features {built.ref} hold other "
@@ -296,7 +329,7 @@ def _run_backbone(
             print(f"featstore compare: {choice.label} + {row['decoder']}", file=sys.stderr)
         trained = train_decoders(
             store, built.ref, holdout_fraction=holdout_fraction, seed=seed, decoders=[row["decoder"]], epochs=epochs,
-            batch_size=batch_size, budget=budget, device=device, progress=progress, force=force,
+            batch_size=batch_size, budget=budget, device=device, progress=progress, force=force, wandb=wandb,
         )
         meta = trained.record.metadata
         clips = list(meta["val_clips"])
@@ -304,7 +337,7 @@ def _run_backbone(
         held_out = dataclasses.replace(dataset.subset(clips), name=f"{dataset.name}-holdout")
         predicted = predict_dataset(
             store, trained.ref, held_out, features=built.ref, batch_size=batch_size, device=device,
-            progress=progress, force=force,
+            progress=progress, force=force, wandb=wandb,
         )
         scores = evaluate(predicted.out, held_out, progress=False if not progress else None)
         row.update(

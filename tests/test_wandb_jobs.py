@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,29 @@ def test_jobs_mirror_their_lineage(tmp_path: Path, small_davis: Path, monkeypatc
         assert row["cached"] is True and "fps" not in row, job
     again = next(row for row in runs["train again"].history if "nparams" in row)
     assert {k: again[k] for k in ("nparams", "val_mean_iou")} == {k: summary[k] for k in ("nparams", "val_mean_iou")}
+
+
+def test_compare_groups_its_runs_and_logs_the_leaderboard(
+    tmp_path: Path, small_davis: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wandb
+
+    from jobs.compare import compare_backbones
+
+    _offline_environment(monkeypatch, tmp_path)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "runs"))
+    wandb.teardown()
+    store = Store(tmp_path / "store")
+    result = compare_backbones(store, small_davis, ["tiny@random"], decoders="linear,conv", epochs=1, device="cpu",
+                               progress=False, wandb=True)
+    wandb.teardown()
+    runs = [OfflineRun.read(folder) for folder in _run_folders(tmp_path / "runs")]
+    assert sorted(run.run.job_type for run in runs) == ["compare", "featurize", "predict", "predict", "train", "train"]
+    assert len({run.run.run_group for run in runs}) == 1 and runs[0].run.run_group.startswith("compare ")
+    (compare,) = [run for run in runs if run.run.job_type == "compare"]
+    assert {json.loads(art.metadata)["featstore_ref"] for art in compare.used.values()} == {
+        row["result_ref"] for row in result.rows
+    }
+    logged = {key: value for row in compare.history for key, value in row.items()}
+    assert logged["leaderboard/_type"] == "table-file" and logged["leaderboard/nrows"] == 2
+    assert logged["iou_vs_parameters/_type"] == "image-file" and logged["iou_vs_parameters/width"] > 0
