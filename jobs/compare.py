@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import os
 import sys
@@ -392,6 +393,14 @@ def _parameters(value: float, _position: int | None = None) -> str:
     return f"{value:g}"
 
 
+def _size(nparams: float) -> str:
+    """A point's parameter count to three figures, ``3.1M`` against ``3.9M``: the log axis between ticks is hard to read."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(nparams) >= scale:
+            return f"{nparams / scale:.3g}{unit}"
+    return f"{nparams:.0f}"
+
+
 # One colour per backbone (not red: the budget's, nor orange: the Pareto front's), one marker per head.
 _BACKBONE_COLOURS = ("tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:cyan", "tab:olive",
                      "tab:gray")
@@ -465,14 +474,25 @@ def plot_figure(
                   color="tab:orange", linewidth=1.5, zorder=2, label="Pareto front (best IoU for its size)")
         axes.scatter([r["nparams"] for r in front], [r["mean_iou"] for r in front], s=120,
                      facecolors="none", edgecolors="tab:orange", linewidths=1.5, zorder=4)
+    if scored:  # the leaderboard's first row: the pair to submit
+        best = max(scored, key=lambda r: r["mean_iou"])
+        axes.scatter([best["nparams"]], [best["mean_iou"]], s=340, marker="*", color="gold", edgecolors="0.25",
+                     linewidths=0.8, zorder=2.8)
     for r in unscored:  # not trained: marked on the bottom edge
         axes.plot(r["nparams"], 0.0, marker="x", markersize=9, color="tab:red", clip_on=False, zorder=5,
                   transform=axes.get_xaxis_transform())
     axes.axvline(budget, color="tab:red", linestyle="--", linewidth=1,
                  label=f"budget: {_parameters(budget)} parameters")
-    sizes = [r["nparams"] for r in rows] + [budget]
+    # A budget far beyond every model would leave most of the width empty: the axis then stops short of
+    # it and an arrow on the right edge says where it is.
+    sizes = [r["nparams"] for r in rows]
+    budget_in_view = budget <= max(sizes) * 4
+    sizes += [budget] if budget_in_view else []
     axes.set_xscale("log")
     axes.set_xlim(min(sizes) / 1.6, max(sizes) * 1.6)
+    if not budget_in_view:
+        axes.annotate(f"budget {_parameters(budget)} →", (1.0, 0.97), xycoords="axes fraction", ha="right", va="top",
+                      fontsize=8.5, color="tab:red")
     axes.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0,)))
     axes.xaxis.set_major_formatter(FuncFormatter(_parameters))
     axes.xaxis.set_minor_formatter(NullFormatter())
@@ -486,7 +506,9 @@ def plot_figure(
     columns: list[list[Artist]] = [
         [Line2D([], [], linestyle="none", marker="o", color=colour[b], label=b) for b in backbones],
         [Line2D([], [], linestyle="none", marker=marker[d], color="0.35", label=f"{d} head") for d in decoders],
-        axes.get_legend_handles_labels()[0],
+        [*axes.get_legend_handles_labels()[0],
+         *([Line2D([], [], linestyle="none", marker="*", markersize=12, color="gold", markeredgecolor="0.25",
+                   markeredgewidth=0.8, label="best held-out IoU")] if scored else [])],
     ]
     height = max(len(column) for column in columns)
     keys = [
@@ -506,7 +528,7 @@ def plot_figure(
         figure.tight_layout()
     # The axes' final place: the title is centred over it, and labels are fitted around the points in it.
     _fit_title(title, axes, renderer, dataset, val_clips)
-    _label_points(axes, renderer, scored, unscored)
+    _label_points(axes, renderer, scored, unscored, front)
     return figure
 
 
@@ -584,35 +606,47 @@ def _spaced_ticks(axes: Any, renderer: Any) -> list[float]:
 
 
 def _label_points(axes: Any, renderer: Any, scored: Sequence[dict[str, Any]],
-                  unscored: Sequence[dict[str, Any]]) -> None:
-    """Name every point by backbone and decoder, each label placed clear of the points and other labels.
+                  unscored: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]]) -> None:
+    """Name every point by backbone, decoder and size, each label placed clear of the points, the Pareto
+    front's line and other labels.
 
     Heads on one backbone differ in size by far less than backbones do, so their points sit almost one
-    above the other: labels at a fixed offset would print over each other.
+    above the other: labels at a fixed offset would print over each other. Labels moved off their point
+    get a leader line back to it, so each over-budget mark on the bottom edge is told from the others.
     """
     backing = {"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8}
+    leader = {"arrowstyle": "-", "color": "0.5", "linewidth": 0.6, "shrinkA": 0, "shrinkB": 4}
     frame = axes.get_window_extent(renderer)
     points = axes.transData.transform([(r["nparams"], r["mean_iou"]) for r in scored]).reshape(-1, 2)
-    taken = [_box(x - 6, y - 6, x + 6, y + 6) for x, y in points]
+    taken = [_box(x - 6, y - 6, x + 6, y + 6) for x, y in points] + _front_boxes(axes, front)
     stacked = tuple((-6, 8 + 12 * k) for k in range(len(unscored) + 3))  # up from the bottom edge, left of the mark
     for r in unscored:
         def over(dx: float, dy: float, final: bool, r: dict[str, Any] = r) -> Any:
-            return axes.annotate(f"{row_label(r)} + {r['decoder']}: over budget", (r["nparams"], 0.0),
-                                 xycoords=axes.get_xaxis_transform(), textcoords="offset points", xytext=(dx, dy),
-                                 ha="right", va="bottom", fontsize=8.5, color="tab:red",
-                                 bbox=backing if final else None)
+            return axes.annotate(f"{row_label(r)} + {r['decoder']} ({_size(r['nparams'])}): over budget",
+                                 (r["nparams"], 0.0), xycoords=axes.get_xaxis_transform(), textcoords="offset points",
+                                 xytext=(dx, dy), ha="right", va="bottom", fontsize=8.5, color="tab:red",
+                                 bbox=backing if final else None, arrowprops=leader if final else None)
 
         _fit_label(renderer, frame, taken, stacked, over)
     for r in scored:
         def scored_label(dx: float, dy: float, final: bool, r: dict[str, Any] = r) -> Any:
-            # A label moved off its point's level gets a leader line back to the point.
-            leader = {"arrowstyle": "-", "color": "0.5", "linewidth": 0.6, "shrinkA": 0, "shrinkB": 4}
-            return axes.annotate(f"{row_label(r)} + {r['decoder']}  {r['mean_iou']:.3f}", (r["nparams"], r["mean_iou"]),
+            text = f"{row_label(r)} + {r['decoder']}  {r['mean_iou']:.3f}, {_size(r['nparams'])}"
+            return axes.annotate(text, (r["nparams"], r["mean_iou"]),
                                  textcoords="offset points", xytext=(dx, dy), ha="left" if dx > 0 else "right",
                                  va="center", fontsize=8.5, bbox=backing if final else None,
                                  arrowprops=leader if final and dy else None, zorder=2.5)
 
         _fit_label(renderer, frame, taken, _LABEL_OFFSETS, scored_label)
+
+
+def _front_boxes(axes: Any, front: Sequence[dict[str, Any]]) -> list[Any]:
+    """Thin boxes along the Pareto front's steps (over, then up), in display units, for labels to keep off."""
+    corners = axes.transData.transform([(r["nparams"], r["mean_iou"]) for r in front]).reshape(-1, 2)
+    boxes = []
+    for (x0, y0), (x1, y1) in itertools.pairwise(corners):
+        boxes.append(_box(min(x0, x1), y0 - 2, max(x0, x1), y0 + 2))
+        boxes.append(_box(x1 - 2, min(y0, y1), x1 + 2, max(y0, y1)))
+    return boxes
 
 
 def _fit_label(renderer: Any, frame: Any, taken: list[Any], offsets: Sequence[tuple[float, float]],

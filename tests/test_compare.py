@@ -383,3 +383,33 @@ def test_plot_title_and_size_labels_stay_inside_the_figure_and_apart(clips: list
     assert all(within(box) for box in boxes), [t.get_text() for t in labels]
     for (a, box_a), (b, box_b) in itertools.combinations(zip(labels, boxes, strict=True), 2):
         assert not box_a.overlaps(box_b), (a.get_text(), b.get_text())
+
+
+def test_plot_marks_the_best_pair_names_sizes_and_keeps_labels_off_the_front() -> None:
+    rows: list[dict[str, Any]] = [
+        {"backbone": "small", "weights": "imagenet", "decoder": "linear", "mean_iou": 0.31, "nparams": 2_960_000},
+        {"backbone": "small", "weights": "imagenet", "decoder": "fpn", "mean_iou": 0.79, "nparams": 3_100_000},
+        {"backbone": "mid", "weights": "imagenet", "decoder": "fpn", "mean_iou": 0.84, "nparams": 3_870_000},
+        {"backbone": "big", "weights": "imagenet", "decoder": "fpn", "mean_iou": None, "nparams": 4_510_000},
+        {"backbone": "big", "weights": "imagenet", "decoder": "linear", "mean_iou": None, "nparams": 4_360_000},
+    ]
+    figure = plot_figure(rows, "demo", ["a", "b"], 50_000_000,
+                         styles=plot_styles(["small", "mid", "big"], ["linear", "fpn"]))
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    (axes,) = figure.axes
+    texts = {t.get_text(): t for t in axes.texts}
+    assert "mid + fpn  0.840, 3.87M" in texts and "small + linear  0.310, 2.96M" in texts
+    for name in ("big + fpn (4.51M): over budget", "big + linear (4.36M): over budget"):
+        assert texts[name].arrow_patch is not None, "an over-budget label is tied to its mark"
+    assert axes.get_xlim()[1] < 50_000_000 and "budget 50M →" in texts, "a far budget is pointed at, not drawn"
+    (star,) = [c for c in axes.collections if c.get_offsets().shape[0] == 1 and c.get_sizes()[0] > 300]
+    assert tuple(star.get_offsets()[0]) == (3_870_000, 0.84)
+    assert "best held-out IoU" in [t.get_text() for t in axes.get_legend().get_texts()]
+    front = axes.transData.transform([(2_960_000, 0.31), (3_100_000, 0.31), (3_100_000, 0.79),
+                                      (3_870_000, 0.79), (3_870_000, 0.84)])
+    for name, text in texts.items():
+        box = text.get_window_extent(renderer)
+        for (x0, y0), (x1, y1) in itertools.pairwise(front):
+            along = min(x0, x1) + 1 < box.x1 and box.x0 < max(x0, x1) - 1 and box.y0 < max(y0, y1) and min(y0, y1) < box.y1
+            assert not along, f"label {name!r} covers the Pareto front"
