@@ -27,6 +27,7 @@ from featstore.store import ArtifactRecord, Store
 
 GROUP_DIR = "features.zarr"
 CHUNK_TARGET_BYTES = 1 << 20
+MAX_CHUNK_FRAMES = 64  # bounds a clip's write buffer; arrays of under 16 kB a frame get chunks under 1 MB
 DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # numpy has no bfloat16: those features are stored as their raw 16-bit patterns and viewed back in torch.
 _NUMPY_STORAGE = {"float16": "float16", "bfloat16": "uint16", "float32": "float32"}
@@ -46,8 +47,15 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def chunk_frames(frame_bytes: int, n_frames: int) -> int:
-    """Frames per chunk so that a chunk holds about ``CHUNK_TARGET_BYTES`` or more (one clip, one writer)."""
-    return max(1, min(n_frames, math.ceil(CHUNK_TARGET_BYTES / max(1, frame_bytes))))
+    """Frames per chunk so that a chunk holds about ``CHUNK_TARGET_BYTES`` or more (one clip, one writer).
+
+    A power of two, at most ``MAX_CHUNK_FRAMES``: a clip's arrays are written in spans that align with every
+    array's chunks (their least common multiple), and powers of two keep that span the longest chunk, so a
+    build buffers at most ``MAX_CHUNK_FRAMES`` frames per clip whatever the clip's length. Arbitrary counts
+    (18, 35, 37 frames) would align only every 23,310 frames: whole clips held in memory.
+    """
+    wanted = math.ceil(CHUNK_TARGET_BYTES / max(1, frame_bytes))
+    return max(1, min(n_frames, MAX_CHUNK_FRAMES, 1 << (wanted - 1).bit_length()))
 
 
 def _compressor(itemsize: int) -> BloscCodec:

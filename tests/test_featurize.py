@@ -16,7 +16,7 @@ from featstore.backbones import create_backbone
 from featstore.cli import main
 from featstore.datasets import load_dataset, read_frame
 from featstore.errors import DatasetError, FeatstoreError, StoreError
-from featstore.features import open_features
+from featstore.features import ClipArrays, open_features, open_group
 from featstore.frame_stream import FrameStream, backbone_preprocessing, decodes_on_gpu
 from featstore.store import Store
 from jobs.featurize import (
@@ -77,7 +77,19 @@ def test_chunks_hold_about_a_megabyte_and_are_frame_aligned(tmp_path: Path, smal
         array = group[f"features/{layer}/alpha"]
         assert array.chunks[1:] == array.shape[1:], "chunked along frames only"
         frame_bytes = int(np.prod(array.shape[1:])) * array.dtype.itemsize
-        assert array.chunks[0] == min(array.shape[0], -(-(1 << 20) // frame_bytes))
+        wanted = -(-(1 << 20) // frame_bytes)  # frames for a megabyte, rounded up to a power of two below
+        assert array.chunks[0] == min(array.shape[0], 64, 1 << (wanted - 1).bit_length())
+
+
+def test_a_clip_is_written_in_spans_of_at_most_64_frames_whatever_its_arrays(tmp_path: Path) -> None:
+    """Chunk lengths that share no factor (19 and 37 frames) once made the aligned span 703 frames, and a
+    longer clip's whole length: the build buffered entire clips. Powers of two align at the longest chunk."""
+    group = open_group(tmp_path / "features.zarr", mode="w")
+    arrays = ClipArrays(group, "long", 3000, {"wide": (16, 30, 60), "narrow": (8, 30, 60)}, "float16", (122, 238), {})
+    lengths = [array.chunks[0] for array in arrays.features.values()] + [arrays.masks.chunks[0]]
+    assert all(n & (n - 1) == 0 and n * size >= 1 << 20 or n == 64
+               for n, size in zip(lengths, (57_600, 28_800, 29_036), strict=True)), lengths
+    assert arrays.chunk_len() == max(lengths) <= 64
 
 
 def test_changed_inputs_make_a_new_version(tmp_path: Path, small_davis: Path) -> None:
