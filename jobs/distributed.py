@@ -8,6 +8,7 @@ workers see the store path; ``local:N`` starts a LocalCluster of N worker proces
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -62,7 +63,8 @@ def _worker_device(requested: str) -> torch.device:
 
 def _backbone_for(task: ClipTask) -> FeatureExtractor:
     device = _worker_device(task.device)
-    cache_key = (task.backbone, task.weights, task.layers, task.seed, task.dtype, str(device))
+    # The digest too: a weights file overwritten in place between builds must not be served from memory.
+    cache_key = (task.backbone, task.weights, task.weights_digest, task.layers, task.seed, task.dtype, str(device))
     if cache_key not in _WORKER_BACKBONES:
         extractor = create_backbone(
             task.backbone, weights=task.weights, layers=list(task.layers), seed=task.seed, dtype=parse_dtype(task.dtype)
@@ -185,7 +187,9 @@ def featurize_on_dask(
                 device=device,
                 gpu_decode=decodes_on_gpu(plan.preprocessing),
                 batch_size=batch_size,
-                dataset=plan.dataset.subset([clip]),
+                # A one-clip subset, with the whole dataset's answer to "are masks stored": one clip may
+                # be fully annotated where the dataset is not, and a local build then stores no masks.
+                dataset=dataclasses.replace(plan.dataset.subset([clip]), has_annotations=plan.dataset.has_annotations),
                 clip=clip,
                 group_path=str(group_path),
                 scratch=str(scratch),
