@@ -393,8 +393,16 @@ def _finish(listing: _Listing) -> Dataset:
     raw_headers = _threaded(_header, [record.raw for record in listing.frames])
     mask_headers = _threaded(_header, [record.annotation for record in listing.frames])
     unreadable = sum(isinstance(header, str) for header in raw_headers + mask_headers)
+    first_of_clip: dict[str, tuple[FrameRecord, tuple[int, int]]] = {}
     for record, raw_header, mask_header in zip(listing.frames, raw_headers, mask_headers, strict=True):
         _check_frame_files(listing.source, record, raw_header, mask_header, unreadable)
+        assert isinstance(raw_header, tuple)
+        first, size = first_of_clip.setdefault(record.clip, (record, raw_header[0]))
+        if raw_header[0] != size:  # a clip is one array of frames: its features need one size
+            raise DatasetError(
+                f"{record.raw}: frame is {raw_header[0][0]}x{raw_header[0][1]} but clip {record.clip!r} starts at "
+                f"{size[0]}x{size[1]} ({first.raw}); resize it to its clip's size or {_removal(listing.source, 'mask')}"
+            )
 
     return Dataset(
         name=_artifact_name(listing.name),

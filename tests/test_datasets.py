@@ -306,6 +306,19 @@ def test_accepts_files_with_bytes_after_their_end_marker(tmp_path: Path) -> None
     assert len(load_dataset(root).frames) == 2
 
 
+def test_refuses_a_frame_of_another_size_than_its_clip(tmp_path: Path) -> None:
+    root = make_davis(tmp_path / "d", {"bear": [0, 1, 2], "cows": [0]})
+    odd = root / "JPEGImages" / "480p" / "bear" / "00002.jpg"
+    write_frame(odd, seed=5, size=(SIZE[0] + 8, SIZE[1]))
+    write_mask(root / "Annotations" / "480p" / "bear" / "00002.png", seed=5, size=(SIZE[0] + 8, SIZE[1]))
+    refused(root, str(odd), f"{SIZE[0] + 8}x{SIZE[1]}", f"clip 'bear' starts at {SIZE[0]}x{SIZE[1]}", "00000.jpg")
+    write_frame(root / "JPEGImages" / "480p" / "cows" / "00000.jpg", seed=6, size=(SIZE[0] + 8, SIZE[1]))
+    (root / "Annotations" / "480p" / "cows" / "00000.png").unlink()
+    odd.unlink()
+    (root / "Annotations" / "480p" / "bear" / "00002.png").unlink()
+    assert len(load_dataset(root).frames) == 3, "clips of different sizes are fine: each is its own array"
+
+
 def test_refuses_mask_of_another_size(tmp_path: Path) -> None:
     root = make_davis(tmp_path / "d", {"a": [0, 1]})
     mask = root / "Annotations" / "480p" / "a" / "00001.png"
