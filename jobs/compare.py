@@ -225,7 +225,7 @@ def compare_backbones(
                   "held_out_clips": held_out_clips, "epochs": epochs, "budget": budget, "seed": seed}
         with WandbJob("compare", config, enabled=logging, store=store) as job:
             for row in rows:
-                if row["result_ref"]:
+                if logging and row["result_ref"]:  # no record read when nothing is logged
                     job.use(store.resolve(row["result_ref"]))
             job.log_table("leaderboard", [{k: row[k] for k in COLUMNS} for row in rows])
             job.log_image("iou_vs_parameters", plot_path)
@@ -385,20 +385,16 @@ def pareto_front(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return front
 
 
-def _parameters(value: float, _position: int | None = None) -> str:
-    """A parameter count as tick labels and the legend print it: ``300``, ``5k``, ``1.5M``, ``7B``."""
+def _parameters(value: float, _position: int | None = None, *, figures: str = "g") -> str:
+    """A parameter count as tick labels and the legend print it: ``300``, ``5k``, ``1.5M``, ``7B``.
+
+    ``figures=".3g"`` gives a point's own count to three figures (``3.1M`` against ``3.87M``), which the log
+    axis between its ticks does not let anyone read.
+    """
     for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= scale:
-            return f"{value / scale:g}{unit}"
-    return f"{value:g}"
-
-
-def _size(nparams: float) -> str:
-    """A point's parameter count to three figures, ``3.1M`` against ``3.9M``: the log axis between ticks is hard to read."""
-    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(nparams) >= scale:
-            return f"{nparams / scale:.3g}{unit}"
-    return f"{nparams:.0f}"
+            return f"{value / scale:{figures}}{unit}"
+    return f"{value:{figures}}"
 
 
 # One colour per backbone (not red: the budget's, nor orange: the Pareto front's), one marker per head.
@@ -622,7 +618,7 @@ def _label_points(axes: Any, renderer: Any, scored: Sequence[dict[str, Any]],
     stacked = tuple((-6, 8 + 12 * k) for k in range(len(unscored) + 3))  # up from the bottom edge, left of the mark
     for r in unscored:
         def over(dx: float, dy: float, final: bool, r: dict[str, Any] = r) -> Any:
-            return axes.annotate(f"{row_label(r)} + {r['decoder']} ({_size(r['nparams'])}): over budget",
+            return axes.annotate(f"{row_label(r)} + {r['decoder']} ({_parameters(r['nparams'], figures='.3g')}): over budget",
                                  (r["nparams"], 0.0), xycoords=axes.get_xaxis_transform(), textcoords="offset points",
                                  xytext=(dx, dy), ha="right", va="bottom", fontsize=8.5, color="tab:red",
                                  bbox=backing if final else None, arrowprops=leader if final else None)
@@ -630,7 +626,7 @@ def _label_points(axes: Any, renderer: Any, scored: Sequence[dict[str, Any]],
         _fit_label(renderer, frame, taken, stacked, over)
     for r in scored:
         def scored_label(dx: float, dy: float, final: bool, r: dict[str, Any] = r) -> Any:
-            text = f"{row_label(r)} + {r['decoder']}  {r['mean_iou']:.3f}, {_size(r['nparams'])}"
+            text = f"{row_label(r)} + {r['decoder']}  {r['mean_iou']:.3f}, {_parameters(r['nparams'], figures='.3g')}"
             return axes.annotate(text, (r["nparams"], r["mean_iou"]),
                                  textcoords="offset points", xytext=(dx, dy), ha="left" if dx > 0 else "right",
                                  va="center", fontsize=8.5, bbox=backing if final else None,

@@ -32,6 +32,7 @@ from featstore.accounting import CONTEST_FRAME, check_budget
 from featstore.errors import FeatstoreError
 from featstore.features import FeatureArtifact, check_compatible, open_features
 from featstore.store import ArtifactRecord, Store, canonical_hash, write_json_atomic
+from featstore.units import format_bytes
 from featstore.wandb_sync import WandbJob, wandb_requested
 from jobs.featurize import resolve_device
 from jobs.training_curves import PLOT_FILE, write_training_curves
@@ -187,7 +188,7 @@ def train_decoders(
                       else "validating on none (--holdout-fraction 0)")
         print(
             f"featstore: training {len(configs)} head(s) on {len(train)} frames of {len(train_clips)} clip(s), "
-            f"{validating}, {train.nbytes / 1e6:.0f} MB on {torch_device}",
+            f"{validating}, {format_bytes(train.nbytes)} on {torch_device}",
             file=sys.stderr,
         )
         heads = train_heads(train, val, configs, epochs=epochs, batch_size=batch_size, seed=seed, progress=progress)
