@@ -659,8 +659,8 @@ def build_features(
         result = _build(plan, extractor, batch_size=batch_size, device=device,
                         scheduler=scheduler, progress=progress, force=force)
         job.log(result.record)
-        job.log_metrics({"frames": result.frames, "fps": None if result.cached else result.fps, "bytes": result.bytes,
-                         "nparams_backbone": result.nparams_backbone, "cached": result.cached})
+        summary = result.to_json()  # the figures --json prints, a cache hit's missing speed included
+        job.log_metrics({k: summary[k] for k in ("frames", "fps", "bytes", "nparams_backbone", "cached")})
     return result
 
 

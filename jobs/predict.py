@@ -156,12 +156,13 @@ def predict_dataset(
             record = _predict_uncached(store, name, key, decoder_record, dataset, artifact, torch_device,
                                        batch_size=batch_size, progress=progress, fresh=force, gpu_decode=gpu_decode)
         job.log(record)
-        job.log_metrics({"frames": record.metadata["frames"], "fps": None if cached else record.metadata["fps"],
-                         "cached": cached})
-    folder = store.path(record)
+        folder = store.path(record)
+        result = PredictResult(record, out_dir if out_dir is not None else folder, cached, folder)
+        summary = result.to_json()  # the figures --json prints, a cache hit's missing speed included
+        job.log_metrics({k: summary[k] for k in ("frames", "fps", "cached")})
     if out_dir is not None:
         _copy_result(folder, out_dir)
-    return PredictResult(record, out_dir if out_dir is not None else folder, cached, folder)
+    return result
 
 
 def _decode_as_trained(decoder: ArtifactRecord, device: torch.device) -> bool:
