@@ -436,9 +436,10 @@ class Store:
                         for p in (self.root / "artifacts" / kind).iterdir()})
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.8)
         suggestion = f"did you mean {' or '.join(close)}? " if close else ""
-        others = [kind for kind in ARTIFACT_TYPES if kind != type and self._records(kind, name, [])]
-        if type and others:
-            return f"{name!r} is a {others[0]} artifact, not a {type}; {suggestion}`featstore ls` lists the {type}s"
+        if type is not None:  # without a type every kind was searched already
+            other = next((kind for kind in ARTIFACT_TYPES if kind != type and self._records(kind, name, [])), None)
+            if other is not None:
+                return f"{name!r} is a {other} artifact, not a {type}; {suggestion}`featstore ls` lists the {type}s"
         return f"{suggestion}`featstore ls` lists what is there"
 
     def verify(self, record: ArtifactRecord, prefix: str = "") -> builtins.list[str]:  # `list` is a method here
