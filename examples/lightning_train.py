@@ -2,7 +2,7 @@
 
     featstore build --backbone efficientnet_lite0                  # features of the demo dataset
     python examples/lightning_train.py demo.efficientnet_lite0.imagenet
-    featstore predict --decoder <the printed ref> --data ~/.featstore/demo   # a contest result from it
+    featstore predict --decoder <the printed ref>             # a contest result on the demo dataset
 
 The data module splits clips as `featstore train` does and holds the features on the trainer's device;
 with the same seed and batch size a head fitted here takes the steps a `featstore train` head takes.
@@ -34,7 +34,7 @@ def main() -> None:
     logs = args.logs or tempfile.mkdtemp(prefix="featstore-lightning-")
 
     data = FeatureDataModule(args.features, store=args.store, batch_size=8, seed=0)
-    best: tuple[float, str, HeadModule] | None = None
+    best: tuple[float, str] | None = None  # best val_iou, and the checkpoint that holds it
     for lr in args.lr:  # one module is one head: a grid is a loop over Trainers, the features load once
         module = HeadModule(HeadConfig(args.decoder, lr=lr), data.channels, data.strides, seed=0)
         checkpoint = ModelCheckpoint(dirpath=f"{logs}/checkpoints/{args.decoder}-lr{lr:g}", monitor="val_iou",
@@ -46,10 +46,10 @@ def main() -> None:
         score = float(checkpoint.best_model_score)
         print(f"lr {lr:g}: best val_iou {score:.4f} ({checkpoint.best_model_path})")
         if best is None or score > best[0]:
-            best = (score, checkpoint.best_model_path, module)
+            best = (score, checkpoint.best_model_path)
 
     assert best is not None
-    score, path, _ = best
+    _, path = best
     module = HeadModule.load_from_checkpoint(path)  # the epoch with the best val_iou
     committed = commit_head(data, module)
     print(f"decoder {committed.ref}: val mean IoU {committed.record.metadata['val_mean_iou']:.4f}, "
